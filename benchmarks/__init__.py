@@ -1,0 +1,1 @@
+"""The benchmark harness. Not built yet (see the README)."""

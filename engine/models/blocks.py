@@ -1,0 +1,135 @@
+"""The blocks that Würstchen's prior and decoder are built from.
+
+Math follows diffusers' `modeling_wuerstchen_common.py` exactly; the layout differs in two ways that
+make the denoising step cheaper without changing its result:
+- an attention block projects q, k and v of the image tokens with one fused Linear, and the keys and
+  values of the text tokens are projected once per image (`AttnBlock.text_kv`), not once per step;
+- norm statistics are accumulated in fp32 so that fp16 activations cannot overflow them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) and k, v (B, heads, Nk, d).
+
+    Every attention in the models goes through this one function, so a faster kernel can replace it.
+    """
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def timestep_embedding(r: torch.Tensor, width: int, max_positions: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding (B, width) of the noise level r ∈ [0, 1], as diffusers' `gen_r_embedding`.
+
+    r·10000 is taken in r's dtype (so fp16 rounds it like the reference does), sin and cos in fp32.
+    """
+    r = r * max_positions
+    half = width // 2
+    frequencies = torch.arange(half, device=r.device).float().mul(-math.log(max_positions) / (half - 1)).exp()
+    angles = r[:, None] * frequencies[None, :]
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=1)
+    if width % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding.to(r.dtype)
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of each pixel of an NCHW tensor, without affine parameters.
+
+    `F.layer_norm` accumulates mean and variance in fp32 for fp16 and bf16 inputs.
+    """
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps).permute(0, 3, 1, 2)
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2's GRN on NHWC input: scale each channel by its spatial L2 norm over the channels' mean."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, channels))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A sum of squares over a 128×128 map overflows fp16, so the norm is taken in fp32.
+        norm = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=torch.float32)
+        scale = (norm / (norm.mean(dim=-1, keepdim=True) + 1e-6)).to(x.dtype)
+        return self.gamma * (x * scale) + self.beta + x
+
+
+class TimestepBlock(nn.Module):
+    """FiLM by the timestep embedding: x·(1 + a) + b with per-channel a, b."""
+
+    def __init__(self, channels: int, c_r: int):
+        super().__init__()
+        self.mapper = nn.Linear(c_r, 2 * channels)
+
+    def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
+        a, b = self.mapper(r_embed)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + a) + b
+
+
+class ResBlock(nn.Module):
+    """Depthwise conv → LayerNorm2d → [concat skip] → Linear ×4 → GELU → GRN → Linear, plus the input.
+
+    With `c_skip = 0` this is the prior's ResBlock; with a skip it is the decoder's ResBlockStageB.
+    """
+
+    def __init__(self, channels: int, c_skip: int = 0, kernel_size: int = 3):
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.norm = LayerNorm2d()
+        self.fc1 = nn.Linear(channels + c_skip, 4 * channels)
+        self.grn = GlobalResponseNorm(4 * channels)
+        self.fc2 = nn.Linear(4 * channels, channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.norm(self.depthwise(x))
+        if skip is not None:
+            h = torch.cat([h, skip], dim=1)
+        h = h.permute(0, 2, 3, 1)
+        h = self.fc2(self.grn(F.gelu(self.fc1(h))))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class AttnBlock(nn.Module):
+    """Self- and cross-attention in one: the queries are the image tokens, the keys and values are the
+    image tokens followed by the text tokens. Added to the input, no other residual."""
+
+    def __init__(self, channels: int, c_cond: int, nhead: int):
+        super().__init__()
+        self.nhead = nhead
+        self.norm = LayerNorm2d()
+        self.kv_mapper = nn.Linear(c_cond, channels)  # applied after a SiLU
+        self.qkv = nn.Linear(channels, 3 * channels)  # diffusers' to_q, to_k, to_v, stacked
+        self.out = nn.Linear(channels, channels)  # diffusers' to_out.0
+
+    def text_kv(self, cond: torch.Tensor) -> torch.Tensor:
+        """Keys and values (B, T, 2C) of the text tokens: the same for every denoising step."""
+        channels = self.out.in_features
+        kv = self.kv_mapper(F.silu(cond))
+        return F.linear(kv, self.qkv.weight[channels:], self.qkv.bias[channels:])
+
+    def forward(self, x: torch.Tensor, text_kv: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        text_k, text_v = text_kv.chunk(2, dim=-1)
+        k = torch.cat([k, text_k], dim=1)
+        v = torch.cat([v, text_v], dim=1)
+        heads = [t.unflatten(-1, (self.nhead, -1)).transpose(1, 2) for t in (q, k, v)]
+        o = attention(*heads).transpose(1, 2).flatten(2)
+        o = self.out(o)
+        return x + o.transpose(1, 2).reshape(batch, channels, height, width)

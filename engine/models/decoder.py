@@ -1,0 +1,160 @@
+"""Stage B, the decoder (`WuerstchenDiffNeXt`): denoises the VQGAN latent, conditioned on the prior's
+image embedding and on CLIP-H text states."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import DecoderConfig
+from engine.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
+
+
+class Decoder(nn.Module):
+    """A U-Net of `len(c_hidden)` levels. Call `condition` once per request, then `forward` once per step.
+
+    Module names follow diffusers: `down_blocks[i]` and `up_blocks[i]` hold the level's blocks, with the
+    down-sampler first and the up-sampler last; `effnet_mappers` has one entry per level on the way
+    down and one per level on the way up (deepest first), `None` where the level takes no embedding.
+    """
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        levels = len(config.c_hidden)
+        self.clip_mapper = nn.Linear(config.clip_embd, config.c_cond)
+        injected = config.inject_effnet + tuple(reversed(config.inject_effnet))
+        self.effnet_mappers = nn.ModuleList(
+            nn.Conv2d(config.effnet_embd, config.c_cond, kernel_size=1) if inject else None for inject in injected
+        )
+        self.embedding = nn.Sequential(
+            nn.PixelUnshuffle(config.patch_size),
+            nn.Conv2d(config.c_in * config.patch_size**2, config.c_hidden[0], kernel_size=1),
+            LayerNorm2d(),
+        )
+
+        self.down_blocks = nn.ModuleList()
+        for i in range(levels):
+            level = nn.ModuleList()
+            if i > 0:
+                level.append(nn.Sequential(
+                    LayerNorm2d(), nn.Conv2d(config.c_hidden[i - 1], config.c_hidden[i], kernel_size=2, stride=2)
+                ))
+            effnet_skip = config.c_cond if config.inject_effnet[i] else 0
+            for _ in range(config.blocks[i]):
+                level.extend(self._block(kind, i, effnet_skip) for kind in config.level_config[i])
+            self.down_blocks.append(level)
+
+        self.up_blocks = nn.ModuleList()
+        for i in reversed(range(levels)):
+            level = nn.ModuleList()
+            effnet_skip = config.c_cond if config.inject_effnet[i] else 0
+            for repeat in range(config.blocks[i]):
+                for k, kind in enumerate(config.level_config[i]):
+                    # The level's first block also takes the down path's output of this level.
+                    level_skip = config.c_hidden[i] if i < levels - 1 and repeat == k == 0 else 0
+                    level.append(self._block(kind, i, level_skip + effnet_skip))
+            if i > 0:
+                level.append(nn.Sequential(
+                    LayerNorm2d(),
+                    nn.ConvTranspose2d(config.c_hidden[i], config.c_hidden[i - 1], kernel_size=2, stride=2),
+                ))
+            self.up_blocks.append(level)
+
+        self.clf = nn.Sequential(
+            LayerNorm2d(),
+            nn.Conv2d(config.c_hidden[0], 2 * config.c_out * config.patch_size**2, kernel_size=1),
+            nn.PixelShuffle(config.patch_size),
+        )
+
+    def _block(self, kind: str, level: int, c_skip: int) -> nn.Module:
+        config = self.config
+        channels = config.c_hidden[level]
+        if kind == "C":
+            return ResBlock(channels, c_skip, kernel_size=config.kernel_size)
+        if kind == "T":
+            return TimestepBlock(channels, config.c_r)
+        return AttnBlock(channels, config.c_cond, config.nhead[level])
+
+    def _attention_blocks(self) -> list[AttnBlock]:
+        """The attention blocks in the order `forward` runs them."""
+        return [block for level in (*self.down_blocks, *self.up_blocks) for block in level
+                if isinstance(block, AttnBlock)]
+
+    def condition(
+        self, image_embeddings: torch.Tensor, text: torch.Tensor, level_sizes: tuple[tuple[int, int], ...]
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The step-invariant inputs of `forward`: per-attention-block text keys and values, and the image
+        embedding resized to each injected level and mapped, in the order `forward` uses them.
+
+        `level_sizes` are the (h, w) of each level (`engine.shapes.Shapes.decoder_levels`).
+        """
+        clip = self.clip_mapper(text)
+        clip = F.layer_norm(clip, clip.shape[-1:], eps=1e-6)
+        text_kv = tuple(block.text_kv(clip) for block in self._attention_blocks())
+
+        levels = len(self.config.c_hidden)
+        resized: dict[int, torch.Tensor] = {}
+        effnet = []
+        for index, mapper in enumerate(self.effnet_mappers):
+            if mapper is None:
+                continue
+            level = index if index < levels else 2 * levels - 1 - index
+            if level not in resized:
+                # Antialiased bicubic in fp32, as the reference does (it has no half kernel on some devices).
+                resized[level] = F.interpolate(
+                    image_embeddings.float(), size=level_sizes[level], mode="bicubic", antialias=True,
+                    align_corners=True,
+                ).to(image_embeddings.dtype)
+            effnet.append(mapper(resized[level]))
+        return text_kv, tuple(effnet)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        r: torch.Tensor,
+        text_kv: tuple[torch.Tensor, ...],
+        effnet: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
+        """Predicted noise for latents x (B, 4, H, W) at noise levels r (B,), given `condition`'s outputs."""
+        inject = self.config.inject_effnet
+        r_embed = timestep_embedding(r, self.config.c_r)
+        kv_iter, effnet_iter = iter(text_kv), iter(effnet)
+
+        x_in = x
+        x = self.embedding(x)
+        level_outputs = []
+        for i, level in enumerate(self.down_blocks):
+            skip = next(effnet_iter) if inject[i] else None
+            for block in level:
+                x = _run_block(block, x, r_embed, kv_iter, skip)
+            level_outputs.insert(0, x)
+
+        for i, level in enumerate(self.up_blocks):
+            effnet_skip = next(effnet_iter) if inject[len(inject) - 1 - i] else None
+            for j, block in enumerate(level):
+                skip = effnet_skip
+                if j == 0 and i > 0:
+                    parts = [level_outputs[i]] + ([effnet_skip] if effnet_skip is not None else [])
+                    skip = torch.cat(parts, dim=1)
+                x = _run_block(block, x, r_embed, kv_iter, skip)
+
+        a, b = self.clf(x).chunk(2, dim=1)
+        b = b.sigmoid() * (1 - 2e-3) + 1e-3
+        return (x_in - a) / b
+
+
+def _run_block(
+    block: nn.Module, x: torch.Tensor, r_embed: torch.Tensor, text_kv: Iterator[torch.Tensor],
+    skip: torch.Tensor | None,
+) -> torch.Tensor:
+    if isinstance(block, ResBlock):
+        return block(x, skip)
+    if isinstance(block, TimestepBlock):
+        return block(x, r_embed)
+    if isinstance(block, AttnBlock):
+        return block(x, next(text_kv))
+    return block(x)  # a down- or up-sampler

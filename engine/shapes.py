@@ -1,0 +1,66 @@
+"""The one place that turns (height, width, batch) into every latent and tensor shape of the pipeline.
+
+The pipeline, the exported graphs' dynamic axes, engine profiles, sample inputs and benchmarks all ask
+this module, so a shape is never written twice (NVIDIA's demo uses `h // 42` where diffusers uses
+`ceil(h / 42.67)`; the two disagree at most sizes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from engine.config import WuerstchenConfig
+from engine.errors import WuerstchenError
+
+TEXT_TOKENS = 77  # CLIP's context: every prompt is padded or truncated to it
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Shapes of one request of `batch` images of `height` × `width` pixels (NCHW)."""
+
+    batch: int
+    height: int
+    width: int
+    prior_latent: tuple[int, int, int, int]  # (B, 16, ceil(h/42.67), ceil(w/42.67))
+    decoder_latent: tuple[int, int, int, int]  # (B, 4, int(h_prior·10.67), int(w_prior·10.67))
+    image: tuple[int, int, int, int]  # (B, 3, 4·H_decoder, 4·W_decoder)
+    decoder_levels: tuple[tuple[int, int], ...]  # (h, w) of each decoder level, finest first
+
+
+def check_image_size(config: WuerstchenConfig, height: int, width: int) -> None:
+    """Raise a one-line error unless (height, width) lies on the model's size grid."""
+    grid = config.sizes
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise WuerstchenError(f"{name}={value!r}: expected an integer, {grid.describe()}")
+        if value % grid.step or not grid.min <= value <= grid.max:
+            raise WuerstchenError(f"{name}={value} is off the model's size grid: expected {grid.describe()}")
+
+
+def image_shapes(config: WuerstchenConfig, height: int, width: int, batch: int = 1) -> Shapes:
+    """Every shape of a request, computed exactly as diffusers' Würstchen pipelines do."""
+    check_image_size(config, height, width)
+    prior_hw = (math.ceil(height / config.resolution_multiple), math.ceil(width / config.resolution_multiple))
+    decoder_hw = tuple(int(side * config.latent_dim_scale) for side in prior_hw)
+    decoder = config.decoder
+    if decoder_hw[0] % decoder.downscale or decoder_hw[1] % decoder.downscale:
+        raise WuerstchenError(
+            f"height={height}, width={width}: decoder latent {decoder_hw} is not a multiple of the decoder's "
+            f"downscale {decoder.downscale}; expected {config.sizes.describe()}"
+        )
+    levels = tuple(
+        (decoder_hw[0] // (decoder.patch_size * 2**i), decoder_hw[1] // (decoder.patch_size * 2**i))
+        for i in range(len(decoder.c_hidden))
+    )
+    upscale = config.vqgan.upscale
+    return Shapes(
+        batch=batch,
+        height=height,
+        width=width,
+        prior_latent=(batch, config.prior.c_in, *prior_hw),
+        decoder_latent=(batch, decoder.c_in, *decoder_hw),
+        image=(batch, config.vqgan.out_channels, decoder_hw[0] * upscale, decoder_hw[1] * upscale),
+        decoder_levels=levels,
+    )

@@ -1,0 +1,132 @@
+"""Prompts to CLIP text states, through transformers' tokenizer and `CLIPTextModel`.
+
+Both stages use `last_hidden_state` of all 77 positions, with the tokenizer's padding and the attention
+mask passed to the model, exactly as diffusers' Würstchen pipelines do.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from tokenizers.pre_tokenizers import ByteLevel
+
+from engine.config import TextEncoderConfig
+from engine.errors import WuerstchenError
+from engine.shapes import TEXT_TOKENS
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than CLIP's 77 tokens and was cut."""
+
+
+class TextEncoder:
+    """A tokenizer and a CLIP text transformer: a list of prompts → states (B, 77, width)."""
+
+    def __init__(self, tokenizer, model):
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False)
+
+    @property
+    def width(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"
+        )
+        for prompt in prompts:
+            ids = self.tokenizer(prompt).input_ids
+            if len(ids) > TEXT_TOKENS:
+                cut = self.tokenizer.decode(ids[TEXT_TOKENS - 1 : -1])
+                warnings.warn(
+                    f"prompt is longer than CLIP's {TEXT_TOKENS} tokens; this part was cut: {cut!r}",
+                    PromptTruncatedWarning,
+                    stacklevel=3,
+                )
+        device = self.model.device
+        output = self.model(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
+        return output.last_hidden_state
+
+
+def text_encoder_config(folder: Path) -> TextEncoderConfig:
+    """The widths of the CLIP text model in `folder` (its config.json), for checking against the stages."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise WuerstchenError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+        return TextEncoderConfig(**{k: values[k] for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+            "max_position_embeddings")})
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise WuerstchenError(f"config file {path} is not a CLIP text config: {error!r}") from None
+
+
+def _checkpoint_variant(folder: Path, variant: str | None) -> str | None:
+    """transformers loads only the variant it is told; fall back to fp16 files when those are all there is."""
+    if variant is not None:
+        return variant
+    plain = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any((folder / name).is_file() for name in plain) and any(folder.glob("*.fp16.*")):
+        return "fp16"
+    return None
+
+
+def load_text_encoder(root: Path, device: torch.device, dtype: torch.dtype, variant: str | None = None) -> TextEncoder:
+    """The tokenizer and text encoder of a diffusers pipeline folder (`root/tokenizer`, `root/text_encoder`)."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    tokenizer_folder, model_folder = Path(root) / "tokenizer", Path(root) / "text_encoder"
+    for folder in (tokenizer_folder, model_folder):
+        if not folder.is_dir():
+            raise WuerstchenError(f"folder {folder} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    except (OSError, ValueError, TypeError) as error:
+        raise WuerstchenError(f"tokenizer in {tokenizer_folder} could not be loaded: {_first_line(error)}") from None
+    try:
+        model, info = CLIPTextModel.from_pretrained(
+            model_folder, dtype=dtype, variant=_checkpoint_variant(model_folder, variant), output_loading_info=True
+        )
+    except Exception as error:  # transformers raises many types for a bad file; all mean the same here
+        raise WuerstchenError(
+            f"text encoder in {model_folder} could not be loaded (truncated or corrupt file?): {_first_line(error)}"
+        ) from None
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise WuerstchenError(
+            f"weights in {model_folder} do not match its config.json: missing keys {sorted(info['missing_keys'])[:8]}, "
+            f"mismatched {[k for k, *_ in info['mismatched_keys']][:8]}"
+        )
+    return TextEncoder(tokenizer, model.to(device))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def byte_level_tokenizer():
+    """A CLIP tokenizer whose vocabulary is the 256 byte symbols, with and without CLIP's end-of-word
+    mark, and no merges: every character is a token. It stands in for the real 49,408-entry vocabulary
+    in the random-weight presets, where no tokenizer files exist."""
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({f"{s}</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_TOKENS)
+
+
+def random_text_encoder(config: TextEncoderConfig, seed: int, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    """A CLIP text encoder of the given shape with seeded random weights and the byte-level tokenizer."""
+    from transformers import CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config.to_transformers())
+    return TextEncoder(byte_level_tokenizer(), model.to(device=device, dtype=dtype))

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="wuerstchen-engine",
+    version="0.1.0",
+    description="A fast inference engine for Würstchen v2 text-to-image",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine", "engine.*", "export", "export.*", "kernels", "kernels.*",
+                                    "benchmarks", "benchmarks.*"]),
+    # Ranges that both torch 2.13 (CPU, CI) and the GPU image (torch 2.11, transformers 5.17) satisfy.
+    # Install torch first: on a machine without it, this requirement pulls a multi-GB CUDA build.
+    install_requires=[
+        "torch>=2.4,<3",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "pillow>=10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # diffusers is the numerical oracle of the tests, never a runtime dependency.
+        "test": ["pytest>=8", "diffusers==0.42.1", "onnx>=1.16", "onnxruntime>=1.18", "triton>=3.2"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "tensorrt": ["tensorrt>=10", "polygraphy>=0.49"],
+        "gpu": ["onnxruntime-gpu>=1.18"],
+    },
+    entry_points={"console_scripts": ["wuerstchen=engine.cli:main"]},
+)

@@ -1,0 +1,105 @@
+"""`wuerstchen generate`: the demo model, PNG metadata, reproducibility and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from engine.cli import main
+
+FAST = ["--height", "128", "--width", "256", "--prior-steps", "2", "--decoder-steps", "2"]
+
+
+def test_demo_writes_a_png_with_its_settings(tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    assert main(["generate", "a cat", "--out", str(out), "--seed", "5", "--negative-prompt", "dog", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "tiny demo model, whose weights are random, so the image is noise" in captured.err
+    assert "--prior wuerstchen-prior --decoder wuerstchen" in captured.err
+    assert f"wrote {out} (256×128, seed 5)" in captured.out
+    assert "prior" in captured.out.splitlines()[-1] and "decoder" in captured.out.splitlines()[-1]
+
+    image = Image.open(out)
+    assert image.size == (256, 128) and image.mode == "RGB"
+    assert image.text["prompt"] == "a cat" and image.text["negative_prompt"] == "dog" and image.text["seed"] == "5"
+    settings = json.loads(image.text["settings"])
+    assert settings["height"] == 128 and settings["width"] == 256 and settings["prior_num_inference_steps"] == 2
+    assert settings["dtype"] == "fp32" and settings["model"] == "tiny demo (random weights)"
+
+
+def test_same_seed_same_bytes_other_seed_other_image(tmp_path):
+    paths = [tmp_path / name for name in ("a.png", "b.png", "c.png")]
+    for path, seed in zip(paths, ("11", "11", "12"), strict=True):
+        assert main(["generate", "a boat", "--out", str(path), "--seed", seed, *FAST]) == 0
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert Image.open(paths[0]).tobytes() != Image.open(paths[2]).tobytes()
+
+
+def test_several_images_get_numbered_files(tmp_path):
+    assert main(["generate", "a tree", "--out", str(tmp_path / "tree.png"), "--num-images", "2", *FAST]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree-0.png", "tree-1.png"]
+    first, second = (Image.open(tmp_path / f"tree-{i}.png") for i in (0, 1))
+    assert first.text["seed"] == second.text["seed"] and first.text["image_index"] == "0"
+    assert first.tobytes() != second.tobytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--height", "1000"], "--height 1000 is off the model's size grid: expected a multiple of 128 from 128 to 4096"),
+    (["--prior-steps", "0"], "--prior-steps 0: expected a positive integer"),
+    (["--decoder-steps", "-1"], "--decoder-steps -1: expected a positive integer"),
+    (["--num-images", "0"], "--num-images 0: expected a positive integer"),
+    (["--dtype", "fp8"], "--dtype 'fp8' is not supported: expected auto, fp32, fp16 or bf16"),
+    (["--device", "tpu"], "--device 'tpu' is not a device: expected auto, cpu, cuda or cuda:N"),
+    (["--prior", "/no/such/prior"], "--prior given without --decoder: pass both folders, or neither"),
+    (["--prior", "/no/such/prior", "--decoder", "/no/such/decoder"], "--prior '/no/such/prior': folder does not exist"),
+    (["--height", "abc"], "argument --height: invalid int value: 'abc'"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, args, message):
+    assert _status(["generate", "x", "--out", str(tmp_path / "x.png"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("wuerstchen generate: error: ") and message in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def _status(argv: list[str]) -> int:
+    """The exit status of the command line, whether `main` returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("out, message", [
+    ("image.jpg", "expected a file name ending in .png"),
+    ("missing/image.png", "folder '{tmp}/missing' does not exist"),
+    ("folder.png", "'{tmp}/folder.png' exists and cannot be overwritten"),
+    ("full.png", "cannot write '{tmp}/full.png': No space left on device"),
+])
+def test_unusable_output_path_is_one_line(tmp_path, capsys, out, message):
+    (tmp_path / "folder.png").mkdir()
+    if os.path.exists("/dev/full"):
+        (tmp_path / "full.png").symlink_to("/dev/full")
+    elif out == "full.png":
+        pytest.skip("no /dev/full here")
+    assert main(["generate", "x", "--out", str(tmp_path / out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert err.splitlines()[-1].startswith("wuerstchen generate: error: --out=")
+    assert message.format(tmp=tmp_path) in err.splitlines()[-1]
+
+
+def test_console_script_and_help():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--help"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0 and "--prior-guidance" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "x", "--out", "x.png", "--width", "7"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert result.stderr == "wuerstchen generate: error: --width 7 is off the model's size grid: expected a " \
+                            "multiple of 128 from 128 to 4096\n"

@@ -1,0 +1,98 @@
+"""fp16 and bf16 on the CPU against fp32: every stage within a bounded relative error, nothing overflows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import WuerstchenPipeline
+from engine.models.blocks import GlobalResponseNorm, LayerNorm2d
+from engine.shapes import image_shapes
+
+# Relative L2 error against fp32 that each stage must stay under.
+BOUNDS = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected).norm() / expected.norm()).item()
+
+
+@pytest.fixture(scope="module", params=[torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def low_precision(request, tiny_folders):
+    pipe = WuerstchenPipeline.from_pretrained(*tiny_folders, device="cpu", dtype=request.param)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def test_every_stage_stays_close_to_fp32(low_precision, tiny_pipeline):
+    dtype, bound = low_precision.dtype, BOUNDS[low_precision.dtype]
+    shapes = image_shapes(tiny_pipeline.config, 256, 384, batch=2)
+    generator = torch.Generator().manual_seed(0)
+    prompts = ["a watercolour fox", ""]
+    errors = {}
+
+    errors["prior text"] = _relative_error(low_precision.prior_text(prompts), tiny_pipeline.prior_text(prompts))
+    errors["decoder text"] = _relative_error(low_precision.decoder_text(prompts), tiny_pipeline.decoder_text(prompts))
+
+    x = torch.randn(shapes.prior_latent, generator=generator)
+    # At r = 0 every dtype holds r·10000 exactly. Elsewhere fp16 and bf16 round the noise level the model
+    # sees (bf16 to multiples of 32–64 of r·10000), exactly as the reference does: see test_timestep_embedding.
+    r = torch.zeros(2)
+    text = tiny_pipeline.prior_text(prompts)
+    expected = tiny_pipeline.prior(x, r, tiny_pipeline.prior.condition(text))
+    actual = low_precision.prior(x.to(dtype), r.to(dtype), low_precision.prior.condition(text.to(dtype)))
+    errors["prior step"] = _relative_error(actual, expected)
+
+    x = torch.randn(shapes.decoder_latent, generator=generator)
+    effnet = torch.randn(shapes.prior_latent, generator=generator) * 40  # image embeddings reach ±200
+    text = tiny_pipeline.decoder_text(prompts)
+    expected = tiny_pipeline.decoder(x, r, *tiny_pipeline.decoder.condition(effnet, text, shapes.decoder_levels))
+    actual = low_precision.decoder(
+        x.to(dtype), r.to(dtype), *low_precision.decoder.condition(effnet.to(dtype), text.to(dtype),
+                                                                  shapes.decoder_levels))
+    errors["decoder step"] = _relative_error(actual, expected)
+
+    latents = torch.randn(shapes.decoder_latent, generator=generator) * 2
+    errors["vqgan decode"] = _relative_error(low_precision.vqgan(latents.to(dtype)), tiny_pipeline.vqgan(latents))
+
+    assert all(error < bound for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_timestep_embedding_rounds_the_noise_level_as_diffusers_does(dtype):
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior
+
+    from engine.models.blocks import timestep_embedding
+
+    reference = WuerstchenPrior(c_in=2, c=8, c_cond=4, c_r=64, depth=1, nhead=2)
+    r = torch.linspace(0, 1, 57).to(dtype)
+    assert torch.equal(timestep_embedding(r, 64), reference.gen_r_embedding(r))
+
+
+def test_whole_pipeline_gives_finite_images(low_precision):
+    images = low_precision("a lighthouse at dusk", negative_prompt="fog", height=128, width=256,
+                           prior_num_inference_steps=4, num_inference_steps=3, decoder_guidance_scale=2.0,
+                           generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.dtype == low_precision.dtype and images.shape == (1, 3, 128, 256)
+    assert torch.isfinite(images).all() and images.float().std() > 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_norms_accumulate_in_fp32_so_large_activations_do_not_overflow(dtype):
+    """A sum of squares over a 128×128 map of values ~300 is ~1.5e9: far past fp16's 65504."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 128, 128, 24, generator=generator) * 300
+    grn = GlobalResponseNorm(24)
+    with torch.no_grad():
+        grn.gamma.copy_(torch.randn(1, 1, 1, 24, generator=generator))
+        grn.beta.copy_(torch.randn(1, 1, 1, 24, generator=generator))
+    expected = grn(x)
+    actual = grn.to(dtype)(x.to(dtype))
+    assert torch.isfinite(actual).all()
+    assert _relative_error(actual, expected) < BOUNDS[dtype]
+
+    x = torch.randn(2, 40, 16, 16, generator=generator) * 3000  # variance ~1e7 per pixel
+    expected = LayerNorm2d()(x)
+    actual = LayerNorm2d()(x.to(dtype))
+    assert torch.isfinite(actual).all() and _relative_error(actual, expected) < BOUNDS[dtype]
