@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
     gen.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
     gen.add_argument("--variant", metavar="NAME", help="weight file variant to read, e.g. fp16")
-    gen.add_argument("--negative-prompt", help="what the image should not show (prior guidance only)")
+    gen.add_argument("--negative-prompt", help="what the image should not show (used by every guided stage)")
     gen.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 128 (default 1024)")
     gen.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 128 (default 1024)")
     gen.add_argument("--prior-steps", type=int, metavar="N",

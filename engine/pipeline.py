@@ -119,9 +119,9 @@ def _prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
 
 
 def _check_generator(generator, batch: int, device: torch.device) -> Generator:
-    generators = generator if isinstance(generator, list) else [generator]
     if generator is None:
         return None
+    generators = generator if isinstance(generator, list) else [generator]
     if not all(isinstance(g, torch.Generator) for g in generators):
         raise WuerstchenError(f"generator={generator!r}: expected a torch.Generator or a list of them")
     if isinstance(generator, list) and len(generator) not in (1, batch):

@@ -9,6 +9,7 @@ shape against the config, and assigned: loading costs the disk read.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,7 +124,7 @@ def _read_tensors(
             if not isinstance(state, dict):
                 raise WuerstchenError(f"weight file {path} holds a {type(state).__name__}, expected a state dict")
             yield from ((k, v) for k, v in state.items() if wanted(k))
-    except (SafetensorError, RuntimeError, OSError, EOFError) as error:
+    except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WuerstchenError(f"weight file {path} is truncated or corrupt: {reason}") from None
 

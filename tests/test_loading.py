@@ -40,9 +40,9 @@ def test_loaded_models_live_on_the_device_with_every_weight_from_the_file(tiny_p
     dict(safe_serialization=False),  # .bin, read with weights_only=True
     dict(variant="fp16"),  # diffusion_pytorch_model.fp16.safetensors, and nothing else
 ])
-def test_every_checkpoint_format_loads_the_same_weights(reference_components, tiny_pipeline, tmp_path, save):
+def test_every_checkpoint_format_loads_the_same_weights(reference_modules, tiny_pipeline, tmp_path, save):
     folder = tmp_path / "decoder"
-    reference_components["decoder"].save_pretrained(folder, **save)
+    reference_modules["decoder"].save_pretrained(folder, **save)
     loaded = load_stage("decoder", Decoder, tiny_pipeline.config.decoder, folder, CPU, torch.float32)
     if save.get("variant"):
         assert not (folder / "diffusion_pytorch_model.safetensors").exists()
@@ -51,10 +51,10 @@ def test_every_checkpoint_format_loads_the_same_weights(reference_components, ti
     assert _same_weights(loaded, tiny_pipeline.decoder)
 
 
-def test_fp16_variant_is_chosen_on_request(reference_components, tiny_pipeline, tmp_path):
+def test_fp16_variant_is_chosen_on_request(reference_modules, tiny_pipeline, tmp_path):
     folder = tmp_path / "vqgan"
-    reference_components["vqgan"].save_pretrained(folder)
-    copy.deepcopy(reference_components["vqgan"]).half().save_pretrained(folder, variant="fp16")
+    reference_modules["vqgan"].save_pretrained(folder)
+    copy.deepcopy(reference_modules["vqgan"]).half().save_pretrained(folder, variant="fp16")
     config = tiny_pipeline.config.vqgan
     plain = load_stage("vqgan", VQGANDecoder, config, folder, CPU, torch.float32)
     half = load_stage("vqgan", VQGANDecoder, config, folder, CPU, torch.float32, variant="fp16")
@@ -90,9 +90,9 @@ def test_missing_weight_file_is_named(folders):
     assert _message(excinfo).startswith(f"no weights in {folders[1] / 'vqgan'}: expected diffusion_pytorch_model")
 
 
-def test_missing_shard_is_named(reference_components, tiny_pipeline, tmp_path):
+def test_missing_shard_is_named(reference_modules, tiny_pipeline, tmp_path):
     folder = tmp_path / "decoder"
-    reference_components["decoder"].save_pretrained(folder, max_shard_size="20KB")
+    reference_modules["decoder"].save_pretrained(folder, max_shard_size="20KB")
     shard = sorted(folder.glob("*-00002-of-*.safetensors"))[0]
     shard.unlink()
     with pytest.raises(WuerstchenError) as excinfo:
@@ -109,9 +109,9 @@ def test_truncated_safetensors_file_is_named(folders, keep):
     assert _message(excinfo).startswith(f"weight file {path} is truncated or corrupt: ")
 
 
-def test_corrupt_bin_file_is_named(reference_components, tiny_pipeline, tmp_path):
+def test_corrupt_bin_file_is_named(reference_modules, tiny_pipeline, tmp_path):
     folder = tmp_path / "prior"
-    reference_components["prior_prior"].save_pretrained(folder, safe_serialization=False)
+    reference_modules["prior"].save_pretrained(folder, safe_serialization=False)
     path = folder / "diffusion_pytorch_model.bin"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(WuerstchenError) as excinfo:

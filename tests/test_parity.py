@@ -39,12 +39,12 @@ def _assert_matches(expected, actual, expected_head, actual_head, denominator):
 
 
 @torch.no_grad()
-def test_prior_step_matches_diffusers(tiny_pipeline, reference_components):
+def test_prior_step_matches_diffusers(tiny_pipeline, reference_modules):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 16, 6, 9, generator=generator)
     r = torch.tensor([0.9, 0.31])
     text = torch.randn(2, 77, 32, generator=generator)
-    reference, ours = reference_components["prior_prior"], tiny_pipeline.prior
+    reference, ours = reference_modules["prior"], tiny_pipeline.prior
     expected, actual, expected_head, actual_head = _outputs_and_heads(
         reference, ours, "out", lambda: reference(x, r=r, c=text), lambda: ours(x, r, ours.condition(text)))
     b = expected_head.chunk(2, dim=1)[1]
@@ -53,14 +53,14 @@ def test_prior_step_matches_diffusers(tiny_pipeline, reference_components):
 
 @torch.no_grad()
 @pytest.mark.parametrize("height, width", [(128, 128), (256, 384)])
-def test_decoder_step_matches_diffusers(tiny_pipeline, reference_components, height, width):
+def test_decoder_step_matches_diffusers(tiny_pipeline, reference_modules, height, width):
     shapes = image_shapes(tiny_pipeline.config, height, width, batch=2)
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(shapes.decoder_latent, generator=generator)
     effnet = torch.randn(shapes.prior_latent, generator=generator) * 20
     text = torch.randn(2, 77, 24, generator=generator)
     r = torch.tensor([0.75, 0.2])
-    reference, ours = reference_components["decoder"], tiny_pipeline.decoder
+    reference, ours = reference_modules["decoder"], tiny_pipeline.decoder
     expected, actual, expected_head, actual_head = _outputs_and_heads(
         reference, ours, "clf", lambda: reference(x, r=r, effnet=effnet, clip=text),
         lambda: ours(x, r, *ours.condition(effnet, text, shapes.decoder_levels)))
@@ -69,9 +69,9 @@ def test_decoder_step_matches_diffusers(tiny_pipeline, reference_components, hei
 
 
 @torch.no_grad()
-def test_vqgan_decode_matches_diffusers(tiny_pipeline, reference_components):
+def test_vqgan_decode_matches_diffusers(tiny_pipeline, reference_modules):
     latents = torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(3)) * 2
-    vqgan = reference_components["vqgan"]
+    vqgan = reference_modules["vqgan"]
     expected = vqgan.decode(vqgan.config.scale_factor * latents).sample.clamp(0, 1)
     actual = tiny_pipeline.vqgan(latents)
     assert actual.shape == (2, 3, 96, 160)
