@@ -12,7 +12,7 @@ from torch import nn
 from engine import WuerstchenConfig, WuerstchenPipeline
 from engine.models import Decoder, Prior, VQGANDecoder
 from engine.models.vqgan import ENCODER_PREFIXES
-from engine.text import TextEncoder
+from engine.text import ClipStates, TextEncoder
 from engine.weights import build_with_weights, translate_state_dict
 
 STAGES = ("prior", "decoder", "vqgan", "prior_text", "decoder_text")
@@ -64,9 +64,9 @@ def engine_pipeline(
     """Our pipeline on the weights of `diffusers_pipeline(modules, tokenizer)`."""
     pipe = WuerstchenPipeline(
         config=config,
-        prior_text=TextEncoder(tokenizer, modules["prior_text"]),
+        prior_text=TextEncoder(tokenizer, ClipStates(modules["prior_text"]), device),
         prior=engine_stage("prior", modules["prior"], config),
-        decoder_text=TextEncoder(tokenizer, modules["decoder_text"]),
+        decoder_text=TextEncoder(tokenizer, ClipStates(modules["decoder_text"]), device),
         decoder=engine_stage("decoder", modules["decoder"], config),
         vqgan=engine_stage("vqgan", modules["vqgan"], config),
         device=device,

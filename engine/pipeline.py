@@ -29,6 +29,7 @@ from engine.config import (
 from engine.device import resolve_device, resolve_dtype
 from engine.errors import WuerstchenError
 from engine.models import Decoder, Prior, VQGANDecoder
+from engine.models.decoder import resize_image_embeddings
 from engine.schedule import DenoisingSchedule, Generator, draw_denoising_noise, make_schedule, timestep_grid
 from engine.shapes import Shapes, image_shapes
 from engine.text import TextEncoder, load_text_encoder, random_text_encoder, text_encoder_config
@@ -369,7 +370,8 @@ class WuerstchenPipeline:
                     shapes.decoder_latent, decoder_schedule.num_steps, request.generator, device, dtype)
                 if decoder_guided:
                     image_embeddings = torch.cat([image_embeddings, torch.zeros_like(image_embeddings)])
-                text_kv, effnet = self.decoder.condition(image_embeddings, decoder_text, shapes.decoder_levels)
+                pyramid = resize_image_embeddings(image_embeddings, config.decoder, shapes.decoder_levels)
+                text_kv, effnet = self.decoder.condition(pyramid, decoder_text)
                 latents = denoise(lambda x, r: self.decoder(x, r, text_kv, effnet), decoder_schedule, initial,
                                   noise, request.decoder_guidance, progress)
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
+from torch import nn
 
 from engine.config import TextEncoderConfig
 from engine.errors import WuerstchenError
@@ -22,19 +24,32 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt was longer than CLIP's 77 tokens and was cut."""
 
 
-class TextEncoder:
-    """A tokenizer and a CLIP text transformer: a list of prompts → states (B, 77, width)."""
+class ClipStates(nn.Module):
+    """A `CLIPTextModel` as tensors in, tensor out: (input_ids, attention_mask) → last_hidden_state."""
 
-    def __init__(self, tokenizer, model):
-        self.tokenizer = tokenizer
+    def __init__(self, model):
+        super().__init__()
         self.model = model.eval().requires_grad_(False)
 
-    @property
-    def width(self) -> int:
-        return self.model.config.hidden_size
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, attention_mask=attention_mask).last_hidden_state
 
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
+
+class TextEncoder:
+    """A tokenizer and a text transformer: a list of prompts → CLIP states (B, 77, width).
+
+    `transformer(input_ids, attention_mask)` returns the states: a `ClipStates` module on the PyTorch
+    backend, a graph session on others. Token ids and masks are made on the CPU and moved to `device`.
+    """
+
+    def __init__(self, tokenizer, transformer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 device: torch.device):
+        self.tokenizer = tokenizer
+        self.transformer = transformer
+        self.device = device
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask (B, 77), int64: padded, truncated with a warning."""
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"
         )
@@ -45,11 +60,14 @@ class TextEncoder:
                 warnings.warn(
                     f"prompt is longer than CLIP's {TEXT_TOKENS} tokens; this part was cut: {cut!r}",
                     PromptTruncatedWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
-        device = self.model.device
-        output = self.model(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
-        return output.last_hidden_state
+        return tokens.input_ids, tokens.attention_mask
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        input_ids, attention_mask = self.tokenize(prompts)
+        return self.transformer(input_ids.to(self.device), attention_mask.to(self.device))
 
 
 def text_encoder_config(folder: Path) -> TextEncoderConfig:
@@ -101,7 +119,7 @@ def load_text_encoder(root: Path, device: torch.device, dtype: torch.dtype, vari
             f"weights in {model_folder} do not match its config.json: missing keys {sorted(info['missing_keys'])[:8]}, "
             f"mismatched {[k for k, *_ in info['mismatched_keys']][:8]}"
         )
-    return TextEncoder(tokenizer, model.to(device))
+    return TextEncoder(tokenizer, ClipStates(model.to(device)), device)
 
 
 def _first_line(error: Exception) -> str:
@@ -129,4 +147,4 @@ def random_text_encoder(config: TextEncoderConfig, seed: int, device: torch.devi
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPTextModel(config.to_transformers())
-    return TextEncoder(byte_level_tokenizer(), model.to(device=device, dtype=dtype))
+    return TextEncoder(byte_level_tokenizer(), ClipStates(model.to(device=device, dtype=dtype)), device)

@@ -10,6 +10,7 @@ import torch
 
 from benchmarks.reference import diffusers_module, engine_stage, perturb_, tame_head_
 from engine import preset
+from engine.models.decoder import resize_image_embeddings
 from engine.shapes import image_shapes
 
 V2 = preset("wuerstchen-v2")
@@ -49,7 +50,7 @@ def test_full_size_decoder_step():
     effnet = torch.randn(SHAPES.prior_latent, generator=generator) * 40
     r, text = torch.tensor([0.6]), torch.randn(1, 77, 1024, generator=generator)
     expected = reference(x, r=r, effnet=effnet, clip=text)
-    actual = ours(x, r, *ours.condition(effnet, text, SHAPES.decoder_levels))
+    actual = ours(x, r, *ours.condition(resize_image_embeddings(effnet, V2.decoder, SHAPES.decoder_levels), text))
     assert (expected - x).abs().mean() > 0.01
     assert _relative_error(actual, expected) < 1e-4
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine import DEFAULT_PRIOR_TIMESTEPS
+from engine.models.decoder import resize_image_embeddings
 from engine.shapes import image_shapes
 
 ATOL = 2e-3  # on [0, 1] images: the project's bar for "the same image"
@@ -63,7 +64,7 @@ def test_decoder_step_matches_diffusers(tiny_pipeline, reference_modules, height
     reference, ours = reference_modules["decoder"], tiny_pipeline.decoder
     expected, actual, expected_head, actual_head = _outputs_and_heads(
         reference, ours, "clf", lambda: reference(x, r=r, effnet=effnet, clip=text),
-        lambda: ours(x, r, *ours.condition(effnet, text, shapes.decoder_levels)))
+        lambda: ours(x, r, *ours.condition(resize_image_embeddings(effnet, ours.config, shapes.decoder_levels), text)))
     b = expected_head.chunk(2, dim=1)[1].sigmoid() * (1 - 2e-3) + 1e-3
     _assert_matches(expected, actual, expected_head, actual_head, b)
 
@@ -88,7 +89,8 @@ def test_text_encoders_match_diffusers(tiny_pipeline, reference_pipeline, stage)
     else:
         expected, _ = reference_pipeline.decoder_pipe.encode_prompt(prompts, "cpu", 1, False)
         actual = tiny_pipeline.decoder_text(prompts)
-    assert actual.shape == expected.shape == (3, 77, tiny_pipeline.prior_text.width if stage == "prior" else 24)
+    width = getattr(tiny_pipeline.config, f"{stage}_text").hidden_size
+    assert actual.shape == expected.shape == (3, 77, width)
     assert _max_diff(actual, expected) < 1e-5
 
 

@@ -7,6 +7,7 @@ import torch
 
 from engine import WuerstchenPipeline
 from engine.models.blocks import GlobalResponseNorm, LayerNorm2d
+from engine.models.decoder import resize_image_embeddings
 from engine.shapes import image_shapes
 
 # Relative L2 error against fp32 that each stage must stay under.
@@ -47,10 +48,10 @@ def test_every_stage_stays_close_to_fp32(low_precision, tiny_pipeline):
     x = torch.randn(shapes.decoder_latent, generator=generator)
     effnet = torch.randn(shapes.prior_latent, generator=generator) * 40  # image embeddings reach ±200
     text = tiny_pipeline.decoder_text(prompts)
-    expected = tiny_pipeline.decoder(x, r, *tiny_pipeline.decoder.condition(effnet, text, shapes.decoder_levels))
-    actual = low_precision.decoder(
-        x.to(dtype), r.to(dtype), *low_precision.decoder.condition(effnet.to(dtype), text.to(dtype),
-                                                                  shapes.decoder_levels))
+    pyramid = resize_image_embeddings(effnet, tiny_pipeline.config.decoder, shapes.decoder_levels)
+    expected = tiny_pipeline.decoder(x, r, *tiny_pipeline.decoder.condition(pyramid, text))
+    pyramid = resize_image_embeddings(effnet.to(dtype), tiny_pipeline.config.decoder, shapes.decoder_levels)
+    actual = low_precision.decoder(x.to(dtype), r.to(dtype), *low_precision.decoder.condition(pyramid, text.to(dtype)))
     errors["decoder step"] = _relative_error(actual, expected)
 
     latents = torch.randn(shapes.decoder_latent, generator=generator) * 2

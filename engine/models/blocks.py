@@ -4,7 +4,8 @@ Math follows diffusers' `modeling_wuerstchen_common.py` exactly; the layout diff
 make the denoising step cheaper without changing its result:
 - an attention block projects q, k and v of the image tokens with one fused Linear, and the keys and
   values of the text tokens are projected once per image (`AttnBlock.text_kv`), not once per step;
-- norm statistics are accumulated in fp32 so that fp16 activations cannot overflow them.
+- norms, the GRN's sum of squares and the noise heads are computed in fp32, so that fp16 activations
+  cannot overflow them, and exported graphs inherit those fp32 islands.
 """
 
 from __future__ import annotations
@@ -39,19 +40,21 @@ def timestep_embedding(r: torch.Tensor, width: int, max_positions: int = 10000) 
     return embedding.to(r.dtype)
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of each pixel of an NCHW tensor, without affine parameters.
+def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm over the last dimension without affine parameters, computed in fp32 and returned in x's
+    dtype: explicitly, so that exported graphs keep it in fp32 too."""
+    return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
-    `F.layer_norm` accumulates mean and variance in fp32 for fp16 and bf16 inputs.
-    """
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of each pixel of an NCHW tensor, without affine parameters, in fp32."""
 
     def __init__(self, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps).permute(0, 3, 1, 2)
+        return layer_norm(x.permute(0, 2, 3, 1), self.eps).permute(0, 3, 1, 2)
 
 
 class GlobalResponseNorm(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import DecoderConfig
-from engine.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
+from engine.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, layer_norm, timestep_embedding
 
 
 class Decoder(nn.Module):
@@ -85,32 +85,23 @@ class Decoder(nn.Module):
                 if isinstance(block, AttnBlock)]
 
     def condition(
-        self, image_embeddings: torch.Tensor, text: torch.Tensor, level_sizes: tuple[tuple[int, int], ...]
+        self, pyramid: tuple[torch.Tensor, ...], text: torch.Tensor
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """The step-invariant inputs of `forward`: per-attention-block text keys and values, and the image
-        embedding resized to each injected level and mapped, in the order `forward` uses them.
+        embedding's mapped skips, both in the order `forward` uses them.
 
-        `level_sizes` are the (h, w) of each level (`engine.shapes.Shapes.decoder_levels`).
+        `pyramid` is the image embedding resized to each injected level (`resize_image_embeddings`).
         """
         clip = self.clip_mapper(text)
-        clip = F.layer_norm(clip, clip.shape[-1:], eps=1e-6)
+        clip = layer_norm(clip)
         text_kv = tuple(block.text_kv(clip) for block in self._attention_blocks())
-
         levels = len(self.config.c_hidden)
-        resized: dict[int, torch.Tensor] = {}
-        effnet = []
-        for index, mapper in enumerate(self.effnet_mappers):
-            if mapper is None:
-                continue
-            level = index if index < levels else 2 * levels - 1 - index
-            if level not in resized:
-                # Antialiased bicubic in fp32, as the reference does (it has no half kernel on some devices).
-                resized[level] = F.interpolate(
-                    image_embeddings.float(), size=level_sizes[level], mode="bicubic", antialias=True,
-                    align_corners=True,
-                ).to(image_embeddings.dtype)
-            effnet.append(mapper(resized[level]))
-        return text_kv, tuple(effnet)
+        injected = injected_levels(self.config)
+        effnet = tuple(
+            mapper(pyramid[injected.index(index if index < levels else 2 * levels - 1 - index)])
+            for index, mapper in enumerate(self.effnet_mappers) if mapper is not None
+        )
+        return text_kv, effnet
 
     def forward(
         self,
@@ -142,9 +133,31 @@ class Decoder(nn.Module):
                     skip = torch.cat(parts, dim=1)
                 x = _run_block(block, x, r_embed, kv_iter, skip)
 
-        a, b = self.clf(x).chunk(2, dim=1)
+        # The head divides by as little as 1e-3: it runs in fp32 and returns fp32 noise in every precision.
+        a, b = self.clf(x).float().chunk(2, dim=1)
         b = b.sigmoid() * (1 - 2e-3) + 1e-3
-        return (x_in - a) / b
+        return (x_in.float() - a) / b
+
+
+def injected_levels(config: DecoderConfig) -> list[int]:
+    """The levels that take the prior's image embedding, finest first."""
+    return [level for level, inject in enumerate(config.inject_effnet) if inject]
+
+
+def resize_image_embeddings(
+    image_embeddings: torch.Tensor, config: DecoderConfig, level_sizes: tuple[tuple[int, int], ...]
+) -> tuple[torch.Tensor, ...]:
+    """The image embedding resized to each injected level: antialiased bicubic (Keys a = −0.5, corners
+    aligned) in fp32, as the reference does, then cast back. It stays out of the exported graphs, whose
+    Resize would round differently (and TensorRT refuses antialiasing).
+
+    `level_sizes` are the (h, w) of every level (`engine.shapes.Shapes.decoder_levels`).
+    """
+    return tuple(
+        F.interpolate(image_embeddings.float(), size=level_sizes[level], mode="bicubic", antialias=True,
+                      align_corners=True).to(image_embeddings.dtype)
+        for level in injected_levels(config)
+    )
 
 
 def _run_block(

@@ -47,5 +47,6 @@ class Prior(nn.Module):
         x = self.projection(x)
         for layer, kv in zip(self.layers, text_kv, strict=True):
             x = layer(x, r_embed, kv)
-        a, b = self.out(x).chunk(2, dim=1)
-        return (x_in - a) / ((1 - b).abs() + 1e-5)
+        # The head divides by as little as 1e-5: it runs in fp32 and returns fp32 noise in every precision.
+        a, b = self.out(x).float().chunk(2, dim=1)
+        return (x_in.float() - a) / ((1 - b).abs() + 1e-5)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import VQGANConfig
+from engine.models.blocks import layer_norm
 
 # Parameters of the encoder half and the codebook: present in checkpoints, never used to decode.
 ENCODER_PREFIXES = ("in_block.", "down_blocks.", "vquantizer.")
@@ -29,9 +30,9 @@ class MixingResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gammas
-        h = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=1e-6).permute(0, 3, 1, 2) * (1 + g[0]) + g[1]
+        h = layer_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g[0]) + g[1]
         x = x + self.depthwise(F.pad(h, (1, 1, 1, 1), mode="replicate")) * g[2]
-        h = F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=1e-6) * (1 + g[3]) + g[4]
+        h = layer_norm(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]
         return x + self.fc2(F.gelu(self.fc1(h))).permute(0, 3, 1, 2) * g[5]
 
 
