@@ -1,8 +1,10 @@
+import re
+
 from setuptools import find_packages, setup
 
 setup(
     name="wuerstchen-engine",
-    version="0.1.0",
+    version=re.search(r'__version__ = "(.+)"', open("engine/__init__.py", encoding="utf-8").read())[1],
     description="A fast inference engine for Würstchen v2 text-to-image",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -22,8 +24,9 @@ setup(
     ],
     extras_require={
         # diffusers is the numerical oracle of the tests, never a runtime dependency.
-        "test": ["pytest>=8", "diffusers==0.42.1", "onnx>=1.16", "onnxruntime>=1.18", "triton>=3.2"],
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "test": ["pytest>=8", "diffusers==0.42.1", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18",
+                 "polygraphy>=0.49", "triton>=3.2"],
+        "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18", "polygraphy>=0.49"],
         "tensorrt": ["tensorrt>=10", "polygraphy>=0.49"],
         "gpu": ["onnxruntime-gpu>=1.18"],
     },

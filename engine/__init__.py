@@ -5,10 +5,12 @@
     image = pipe("an astronaut riding a horse", height=1024, width=1024).images[0]
 """
 
-from engine.config import WuerstchenConfig, preset
-from engine.errors import WuerstchenError
-from engine.pipeline import WuerstchenOutput, WuerstchenPipeline
-from engine.schedule import DEFAULT_PRIOR_TIMESTEPS
+__version__ = "0.1.0"
+
+from engine.config import WuerstchenConfig, preset  # noqa: E402
+from engine.errors import WuerstchenError  # noqa: E402
+from engine.pipeline import WuerstchenOutput, WuerstchenPipeline  # noqa: E402
+from engine.schedule import DEFAULT_PRIOR_TIMESTEPS  # noqa: E402
 
 __all__ = [
     "DEFAULT_PRIOR_TIMESTEPS",

@@ -58,20 +58,55 @@ def _output_paths(out: str, count: int) -> list[Path]:
     return paths
 
 
-def generate(args: argparse.Namespace) -> int:
-    import torch
-    from PIL.PngImagePlugin import PngInfo
-
+def _model(args: argparse.Namespace):
+    """What --prior/--decoder, --bundle and --backend ask for: the config to check a request against
+    (read without loading weights), a loader, and how the PNG names the model."""
+    from engine.backends import Backend
+    from engine.bundle import open_bundle
     from engine.config import preset
-    from engine.device import DTYPE_NAMES, resolve_device, resolve_dtype
-    from engine.pipeline import WuerstchenPipeline, check_request, read_config
-    from engine.schedule import DEFAULT_PRIOR_TIMESTEPS
+    from engine.device import resolve_device, resolve_dtype
+    from engine.pipeline import WuerstchenPipeline, read_config
 
+    backend = Backend.parse(args.backend or (Backend.ONNXRUNTIME if args.bundle else Backend.TORCH))
+    if args.bundle is not None:
+        if args.prior or args.decoder:
+            raise WuerstchenError("--bundle given with --prior/--decoder: pass one model source")
+        if backend is not Backend.ONNXRUNTIME:
+            raise WuerstchenError(f"--backend {backend.value} cannot run a --bundle: expected onnxruntime")
+        if args.dtype != "auto":
+            raise WuerstchenError(f"--dtype {args.dtype}: a bundle runs in the dtype it was exported in")
+        device = resolve_device(args.device)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
+        if args.device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        return (open_bundle(args.bundle, check_hashes=False).config,
+                lambda: WuerstchenPipeline.from_bundle(args.bundle, backend, providers=providers),
+                f"bundle {args.bundle} on {backend.value}")
+    if backend is not Backend.TORCH:
+        raise WuerstchenError(f"--backend {backend.value} runs a --bundle: make one with `wuerstchen export`")
     if (args.prior is None) != (args.decoder is None):
         given, missing = ("--prior", "--decoder") if args.prior else ("--decoder", "--prior")
         raise WuerstchenError(f"{given} given without {missing}: pass both folders, or neither for the demo model")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.prior is None:
+        return (preset("tiny"), lambda: WuerstchenPipeline.from_preset("tiny", device=device, dtype=dtype),
+                "tiny demo (random weights)")
+    return (read_config(args.prior, args.decoder),
+            lambda: WuerstchenPipeline.from_pretrained(args.prior, args.decoder, device=device, dtype=dtype,
+                                                       variant=args.variant),
+            f"{args.prior} + {args.decoder}")
+
+
+def generate(args: argparse.Namespace) -> int:
+    import torch
+    from PIL.PngImagePlugin import PngInfo
+
+    from engine.device import DTYPE_NAMES, resolve_device
+    from engine.pipeline import check_request
+    from engine.schedule import DEFAULT_PRIOR_TIMESTEPS
+
+    config, load, model = _model(args)
     seed = secrets.randbelow(2**31) if args.seed is None else args.seed
     published_prior = args.prior_steps is None
     call = dict(
@@ -90,18 +125,14 @@ def generate(args: argparse.Namespace) -> int:
     )
 
     # 1. Check everything a user typed before loading gigabytes of weights.
-    config = preset("tiny") if args.prior is None else read_config(args.prior, args.decoder)
-    check_request(config, device, **call, generator=None, output_type="pil")
+    check_request(config, resolve_device(args.device), **call, generator=None, output_type="pil")
     paths = _output_paths(args.out, args.num_images)
 
     # 2. Load.
     start = time.perf_counter()
-    if args.prior is None:
+    if args.prior is None and args.bundle is None:
         print(f"wuerstchen: {DEMO_NOTICE}", file=sys.stderr)
-        pipe = WuerstchenPipeline.from_preset("tiny", device=device, dtype=dtype)
-    else:
-        pipe = WuerstchenPipeline.from_pretrained(args.prior, args.decoder, device=device, dtype=dtype,
-                                                  variant=args.variant)
+    pipe = load()
     load_seconds = time.perf_counter() - start
 
     # 3. Generate with a CPU generator, so a seed gives the same noise on every device.
@@ -109,9 +140,8 @@ def generate(args: argparse.Namespace) -> int:
 
     # 4. Save with the settings in the PNG's text chunks (nothing time-dependent: same seed, same bytes).
     settings = {k: v for k, v in call.items() if not k.endswith(("prompt", "timesteps"))}
-    settings.update(prior_timesteps="published" if published_prior else "linspace",
-                    dtype=DTYPE_NAMES[dtype], device=device.type,
-                    model="tiny demo (random weights)" if args.prior is None else f"{args.prior} + {args.decoder}")
+    settings.update(prior_timesteps="published" if published_prior else "linspace", model=model,
+                    dtype=DTYPE_NAMES[pipe.dtype], device=pipe.device.type)
     for index, (image, path) in enumerate(zip(output.images, paths, strict=True)):
         info = PngInfo()
         info.add_text("prompt", args.prompt)
@@ -136,6 +166,41 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.device import resolve_dtype
+    from engine.pipeline import WuerstchenPipeline
+
+    try:
+        from export.bundle import export_bundle, folder_sources
+        from export.verify import TOLERANCES, verify_bundle
+    except ImportError as error:
+        raise WuerstchenError(f"export needs the ONNX tools ({error.name} is missing): pip install -e '.[onnx]'") \
+            from None
+    if (args.prior is None) != (args.decoder is None):
+        given, missing = ("--prior", "--decoder") if args.prior else ("--decoder", "--prior")
+        raise WuerstchenError(f"{given} given without {missing}: pass both folders, or neither for the demo model")
+    cpu = torch.device("cpu")
+    dtype = resolve_dtype(args.dtype, cpu)
+    if args.prior is None:
+        pipe, sources = WuerstchenPipeline.from_preset("tiny", cpu, dtype), {"preset": "tiny", "seed": 0}
+    else:
+        pipe = WuerstchenPipeline.from_pretrained(args.prior, args.decoder, cpu, dtype, variant=args.variant)
+        sources = folder_sources(args.prior, args.decoder)
+    start = time.perf_counter()
+    export_bundle(pipe, args.out, sources, min_size=args.min_size, max_size=args.max_size)
+    print(f"wrote bundle {args.out} in {time.perf_counter() - start:.1f} s")
+    if not args.verify:
+        return 0
+    worst = verify_bundle(pipe, args.out)
+    tolerance = TOLERANCES.get(dtype, 5e-2)
+    print(f"worst relative error, ONNX Runtime against PyTorch (tolerance {tolerance:g}):")
+    for name, error in worst.items():
+        print(f"  {name:<18} {error:.2e}{'' if error <= tolerance else '  FAILED'}")
+    return 0 if all(error <= tolerance for error in worst.values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wuerstchen", description="Würstchen v2 text-to-image inference engine.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -149,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
     gen.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
     gen.add_argument("--variant", metavar="NAME", help="weight file variant to read, e.g. fp16")
+    gen.add_argument("--bundle", metavar="DIR", help="an exported bundle (wuerstchen export) to run instead")
+    gen.add_argument("--backend", help="torch (folders, the demo) or onnxruntime (a bundle); default: by source")
     gen.add_argument("--negative-prompt", help="what the image should not show (used by every guided stage)")
     gen.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 128 (default 1024)")
     gen.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 128 (default 1024)")
@@ -163,6 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     gen.set_defaults(run=generate)
+
+    exp = commands.add_parser("export", help="export every stage to ONNX as one bundle",
+                              description="Export every stage to ONNX as one bundle folder. Without "
+                                          "--prior/--decoder, exports the tiny demo model.")
+    exp.add_argument("--out", required=True, metavar="BUNDLE", help="a new (or empty) folder for the bundle")
+    exp.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
+    exp.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
+    exp.add_argument("--variant", metavar="NAME", help="weight file variant to read, e.g. fp16")
+    exp.add_argument("--dtype", default="fp32", help="fp32 (default), fp16 or bf16: the graphs' precision")
+    exp.add_argument("--min-size", type=int, default=256, help="smallest image side served (default 256)")
+    exp.add_argument("--max-size", type=int, default=1536, help="largest image side served (default 1536)")
+    exp.add_argument("--verify", action="store_true",
+                     help="compare every graph in ONNX Runtime with PyTorch at several sizes and batch sizes")
+    exp.set_defaults(run=export)
     return parser
 
 

@@ -245,6 +245,21 @@ class WuerstchenConfig:
             f"{self.decoder_text.hidden_size}",
         )
 
+    def to_dict(self) -> dict:
+        """Plain JSON-ready values: what a bundle's manifest stores."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> WuerstchenConfig:
+        """The inverse of `to_dict`."""
+        nested = {
+            "prior": PriorConfig.from_dict, "decoder": DecoderConfig.from_dict, "vqgan": VQGANConfig.from_dict,
+            "prior_schedule": ScheduleConfig.from_dict, "decoder_schedule": ScheduleConfig.from_dict,
+            "prior_text": lambda v: TextEncoderConfig(**v), "decoder_text": lambda v: TextEncoderConfig(**v),
+            "sizes": lambda v: SizeGrid(**v),
+        }
+        return cls(**{key: nested[key](value) if key in nested else value for key, value in values.items()})
+
 
 def _tiny() -> WuerstchenConfig:
     """Every code path of the full model (all block kinds, effnet injection, CFG) at a size a CPU runs in seconds."""

@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from engine.backends import Backend
+from engine.bundle import open_bundle
 from engine.config import (
     DecoderConfig,
     PriorConfig,
@@ -294,16 +296,40 @@ class WuerstchenPipeline:
         config = preset(name)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        # The noise heads are shrunk: the prior divides by |1 − b| and the decoder by sigmoid(b), and
+        # random heads bring those near zero, where the latents blow up within a few steps.
         return cls(
             config=config,
             prior_text=random_text_encoder(config.prior_text, seed, device, dtype),
-            prior=random_stage(Prior, config.prior, seed + 1, device, dtype),
+            prior=random_stage(Prior, config.prior, seed + 1, device, dtype, shrink=("out.1.",)),
             decoder_text=random_text_encoder(config.decoder_text, seed + 2, device, dtype),
-            decoder=random_stage(Decoder, config.decoder, seed + 3, device, dtype),
+            decoder=random_stage(Decoder, config.decoder, seed + 3, device, dtype, shrink=("clf.1.",)),
             vqgan=random_stage(VQGANDecoder, config.vqgan, seed + 4, device, dtype),
             device=device,
             dtype=dtype,
         )
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle: str | Path,
+        backend: str = "onnxruntime",
+        providers: Sequence[str] | None = None,
+        check_hashes: bool = True,
+    ) -> WuerstchenPipeline:
+        """Run an exported bundle (`wuerstchen export`). `providers` are ONNX Runtime's execution providers
+        (default: CUDA when present, else the CPU). The manifest is checked first: format version, every
+        file present and, unless `check_hashes` is off, unaltered. Requests outside the bundle's size
+        range are refused."""
+        backend = Backend.parse(backend)
+        if backend is not Backend.ONNXRUNTIME:
+            raise WuerstchenError(f"backend={backend.value!r} cannot run a bundle: expected onnxruntime "
+                                  "(the torch backend loads diffusers folders with from_pretrained)")
+        opened = open_bundle(bundle, check_hashes=check_hashes)
+        from engine.backends.onnxruntime import load_stages
+
+        stages, device = load_stages(opened, providers)
+        return cls(config=opened.config, **stages, device=device, dtype=opened.dtype)
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for the tqdm bars over the prior and decoder steps, e.g. `disable=True`."""

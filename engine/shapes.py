@@ -8,6 +8,7 @@ this module, so a shape is never written twice (NVIDIA's demo uses `h // 42` whe
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.config import WuerstchenConfig
@@ -35,8 +36,10 @@ def check_image_size(config: WuerstchenConfig, height: int, width: int) -> None:
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise WuerstchenError(f"{name}={value!r}: expected an integer, {grid.describe()}")
-        if value % grid.step or not grid.min <= value <= grid.max:
+        if value % grid.step:
             raise WuerstchenError(f"{name}={value} is off the model's size grid: expected {grid.describe()}")
+        if not grid.min <= value <= grid.max:
+            raise WuerstchenError(f"{name}={value} is outside the sizes served here: expected {grid.describe()}")
 
 
 def image_shapes(config: WuerstchenConfig, height: int, width: int, batch: int = 1) -> Shapes:
@@ -64,3 +67,32 @@ def image_shapes(config: WuerstchenConfig, height: int, width: int, batch: int =
         image=(batch, config.vqgan.out_channels, decoder_hw[0] * upscale, decoder_hw[1] * upscale),
         decoder_levels=levels,
     )
+
+
+def symbol_values(config: WuerstchenConfig, shapes: Shapes) -> dict[str, int]:
+    """Values of the symbolic dimensions that exported graphs use for a request's shapes.
+
+    batch: images in the call (doubled where guidance batches the negative prompts);
+    ph, pw: prior latent height and width; dh, dw: decoder latent height and width over the decoder's
+    downscale (16 for v2), so that every decoder level, the latent and the image are multiples of them.
+    """
+    downscale = config.decoder.downscale
+    return {
+        "batch": shapes.batch,
+        "ph": shapes.prior_latent[2],
+        "pw": shapes.prior_latent[3],
+        "dh": shapes.decoder_latent[2] // downscale,
+        "dw": shapes.decoder_latent[3] // downscale,
+    }
+
+
+def resolve_dims(dims: Sequence[int | str], values: dict[str, int]) -> tuple[int, ...]:
+    """Concrete sizes of symbolic dims such as ("batch", 4, "16*dh", "16*dw")."""
+    sizes = []
+    for dim in dims:
+        if isinstance(dim, int):
+            sizes.append(dim)
+        else:
+            factor, _, symbol = dim.rpartition("*")
+            sizes.append((int(factor) if factor else 1) * values[symbol])
+    return tuple(sizes)

@@ -184,10 +184,12 @@ def build_with_weights(
 
 
 def random_stage(
-    model_class: Callable[..., nn.Module], config, seed: int, device: torch.device, dtype: torch.dtype
+    model_class: Callable[..., nn.Module], config, seed: int, device: torch.device, dtype: torch.dtype,
+    shrink: tuple[str, ...] = (),
 ) -> nn.Module:
     """`model_class(config)` with seeded random weights, the same on every device: each weight matrix
-    N(0, 1/fan_in), every other parameter N(0, 0.02²), drawn on the CPU one tensor at a time.
+    N(0, 1/fan_in), every other parameter N(0, 0.02²), drawn on the CPU one tensor at a time, and the
+    parameters whose names start with a prefix in `shrink` scaled by 0.1.
 
     None stays zero, unlike the models' training init, so that every layer acts on its input.
     """
@@ -197,7 +199,7 @@ def random_stage(
     state = {}
     for key, shape in shapes.items():
         fan_in = shape[1:].numel() if len(shape) > 1 else 0
-        std = fan_in**-0.5 if fan_in > 1 else 0.02
+        std = (fan_in**-0.5 if fan_in > 1 else 0.02) * (0.1 if key.startswith(shrink) else 1.0)
         state[key] = (torch.randn(shape, generator=generator) * std).to(device=device, dtype=dtype)
     return build_with_weights(model_class, config, state)
 

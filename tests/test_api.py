@@ -36,7 +36,7 @@ def test_every_size_on_the_grid_comes_out_at_that_size():
 
 @pytest.mark.parametrize("field, value, message", [
     ("height", 1000, "height=1000 is off the model's size grid: expected a multiple of 128 from 128 to 4096"),
-    ("width", 8192, "width=8192 is off the model's size grid: expected a multiple of 128 from 128 to 4096"),
+    ("width", 8192, "width=8192 is outside the sizes served here: expected a multiple of 128 from 128 to 4096"),
     ("height", 512.0, "height=512.0: expected an integer, a multiple of 128 from 128 to 4096"),
     ("prior_num_inference_steps", 0, "prior_num_inference_steps=0: expected a positive integer"),
     ("num_inference_steps", -3, "num_inference_steps=-3: expected a positive integer"),

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -103,3 +104,37 @@ def test_console_script_and_help():
     assert result.returncode == 2
     assert result.stderr == "wuerstchen generate: error: --width 7 is off the model's size grid: expected a " \
                             "multiple of 128 from 128 to 4096\n"
+
+
+def test_export_the_demo_verify_it_and_generate_from_it(tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--out", str(bundle), "--min-size", "128", "--max-size", "256", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote bundle {bundle}" in out and "worst relative error" in out and "FAILED" not in out
+    assert all(f"exported {name}" in out for name in ("prior_text", "decoder_step", "vqgan_decode"))
+
+    from_bundle, from_torch = tmp_path / "bundle.png", tmp_path / "torch.png"
+    args = ["a red boat", "--seed", "4", "--height", "256", "--width", "128", "--prior-steps", "3",
+            "--decoder-steps", "2"]
+    assert main(["generate", *args, "--bundle", str(bundle), "--out", str(from_bundle)]) == 0
+    assert main(["generate", *args, "--out", str(from_torch)]) == 0
+    pixels = [np.asarray(Image.open(p), dtype=int) for p in (from_bundle, from_torch)]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1  # the same image, up to rounding to 8 bits
+    assert "onnxruntime" in Image.open(from_bundle).text["settings"]
+
+    assert main(["generate", "x", "--bundle", str(bundle), "--out", str(tmp_path / "x.png"), "--height", "512"]) == 2
+    assert "--height 512 is outside the sizes served here: expected a multiple of 128 from 128 to 256" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bundle", "b", "--prior", "p", "--decoder", "d"], "--bundle given with --prior/--decoder"),
+    (["--backend", "onnxruntime"], "--backend onnxruntime runs a --bundle: make one with `wuerstchen export`"),
+    (["--bundle", "b", "--backend", "torch"], "--backend torch cannot run a --bundle: expected onnxruntime"),
+    (["--backend", "tensorrt-llm"], "backend='tensorrt-llm' is unknown: expected one of torch, onnxruntime"),
+    (["--bundle", "/no/such/bundle"], "bundle='/no/such/bundle': folder does not exist"),
+])
+def test_model_source_errors_are_one_line(tmp_path, capsys, args, message):
+    assert _status(["generate", "x", "--out", str(tmp_path / "x.png"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

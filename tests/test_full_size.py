@@ -64,3 +64,36 @@ def test_full_size_vqgan_decode():
     actual = ours(latents)
     assert actual.shape == SHAPES.image and expected.std() > 0.05
     assert (actual - expected).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_full_size_prior_exports_with_external_data(tmp_path):
+    """The 994 M-parameter prior step: over protobuf's 2 GB, so its weights go to external data."""
+    import time
+    from types import SimpleNamespace
+
+    from engine.backends.onnxruntime import OnnxGraph
+    from engine.bundle import Bundle
+    from engine.models import Prior
+    from engine.weights import random_stage
+    from export.bundle import OPSETS, export_graph
+    from export.graphs import graph_specs
+
+    cpu = torch.device("cpu")
+    prior = random_stage(Prior, V2.prior, seed=0, device=cpu, dtype=torch.float32, shrink=("out.1.",))
+    spec = graph_specs(SimpleNamespace(config=V2, dtype=torch.float32, prior=prior), ("prior_step",))["prior_step"]
+    start = time.perf_counter()
+    files = export_graph(spec, SimpleNamespace(config=V2), V2.sizes, tmp_path, OPSETS[torch.float32])
+    seconds = time.perf_counter() - start
+    sizes = {f: (tmp_path / f).stat().st_size for f in files}
+    print(f"\nfull-size prior_step export: {seconds:.0f} s, {sizes}")
+    # 914 M parameters in fp32: the prior less the text mappers, which run once per request in prior_condition.
+    assert files == ["prior_step.onnx", "prior_step.onnx.data"] and sizes["prior_step.onnx.data"] > 3.6e9
+
+    manifest = {"graphs": {"prior_step": {"file": files[0], "inputs": [
+        {"name": t.name, "dtype": "float32", "shape": list(t.dims)} for t in spec.inputs], "outputs": [
+        {"name": t.name, "dtype": "float32", "shape": list(t.dims)} for t in spec.outputs]}}}
+    graph = OnnxGraph(Bundle(tmp_path, manifest), "prior_step", ["CPUExecutionProvider"], cpu)
+    feeds = spec.sample(V2, image_shapes(V2, 512, 640, batch=2), torch.Generator().manual_seed(0))
+    expected = spec.run(feeds)["eps"]
+    assert _relative_error(graph(*feeds.values())[0], expected) < 1e-4

@@ -10,6 +10,7 @@ make the denoising step cheaper without changing its result:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,12 +18,39 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same attention as two matmuls around a softmax taken in fp32: the form exported to ONNX,
+    where a fused kernel's internal fp32 would otherwise be lost in fp16 graphs."""
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+ATTENTION = {"sdpa": sdpa_attention, "explicit": explicit_attention}
+_attention = sdpa_attention
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str):
+    """Run the models with another attention implementation (a name of `ATTENTION`) inside the block."""
+    global _attention
+    previous, _attention = _attention, ATTENTION[name]
+    try:
+        yield
+    finally:
+        _attention = previous
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) and k, v (B, heads, Nk, d).
 
-    Every attention in the models goes through this one function, so a faster kernel can replace it.
+    Every attention in the models goes through this one function, so that another implementation (a
+    Triton kernel, the exported form) can replace it; see `attention_implementation`.
     """
-    return F.scaled_dot_product_attention(q, k, v)
+    return _attention(q, k, v)
 
 
 def timestep_embedding(r: torch.Tensor, width: int, max_positions: int = 10000) -> torch.Tensor:

@@ -1,0 +1,22 @@
+"""Where the stages run. Every backend provides the same stage objects (text encoders, prior, decoder,
+VQGAN with the call signatures of the PyTorch modules), so the pipeline never knows which one it drives."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from engine.errors import WuerstchenError
+
+
+class Backend(str, Enum):
+    TORCH = "torch"  # the PyTorch modules, from diffusers folders or a preset
+    ONNXRUNTIME = "onnxruntime"  # the graphs of a bundle, in ONNX Runtime
+
+    @classmethod
+    def parse(cls, value: str | Backend) -> Backend:
+        try:
+            return cls(value)
+        except ValueError:
+            raise WuerstchenError(
+                f"backend={value!r} is unknown: expected one of {', '.join(b.value for b in cls)}"
+            ) from None

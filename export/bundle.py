@@ -1,0 +1,204 @@
+"""Writing a bundle: every graph exported to ONNX and checked, the tokenizers, and `manifest.json`.
+
+The manifest's format is read by `engine.bundle` and documented in the README.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+import engine
+from engine.bundle import DTYPE_NAMES, FORMAT, FORMAT_VERSION, MANIFEST, sha256
+from engine.config import SizeGrid
+from engine.errors import WuerstchenError
+from engine.models.blocks import attention_implementation
+from engine.models.decoder import injected_levels
+from engine.pipeline import WuerstchenPipeline
+from engine.schedule import DEFAULT_PRIOR_TIMESTEPS
+from engine.shapes import TEXT_TOKENS, image_shapes, symbol_values
+from export.graphs import GraphSpec, graph_specs
+from export.lint import check_tensorrt_compatible
+
+OPSETS = {torch.float32: 18, torch.float16: 18, torch.bfloat16: 22}  # ONNX has no bf16 Conv before opset 22
+FP32_ISLANDS = [
+    "LayerNorm2d and the decoder's text LayerNorm: inputs cast to float32, normalised, cast back",
+    "GlobalResponseNorm: the sum of squares over height and width (ReduceL2 on float32)",
+    "attention: scores and softmax in float32",
+    "prior and decoder output heads: the noise prediction `eps` is a float32 output",
+    "timestep embedding: sin and cos in float32",
+    "CLIP text encoders: LayerNormalization statistics (stash_type=1)",
+]
+MAX_BATCH = 64  # a bound for the exporter's symbolic batch, not a limit of the graphs
+
+
+def _describe(spec_tensors) -> list[dict]:
+    return [{"name": t.name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.dims)} for t in spec_tensors]
+
+
+def export_graph(spec: GraphSpec, pipe: WuerstchenPipeline, grid: SizeGrid, folder: Path, opset: int) -> list[str]:
+    """Export one graph to `folder/<name>.onnx` at a non-square sample size inside the range, check it
+    against TensorRT's parser and the spec, and return its files (the graph, then its external data)."""
+    config = pipe.config
+    height, width = min(grid.min + grid.step, grid.max), min(grid.min + 2 * grid.step, grid.max)
+    sample = spec.sample(config, image_shapes(config, height, width, batch=2), torch.Generator().manual_seed(0))
+    max_sizes = symbol_values(config, image_shapes(config, grid.max, grid.max, batch=MAX_BATCH))
+    path = folder / f"{spec.name}.onnx"
+    with attention_implementation("explicit"), warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            spec.module, spec.args(sample), dynamo=True, dynamic_shapes=spec.dynamic_shapes(max_sizes),
+            opset_version=opset, input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs], verbose=False,
+        )
+        program.save(str(path))  # weights go to `<name>.onnx.data` past protobuf's 2 GB
+    model = onnx.load(str(path), load_external_data=False)
+    check_tensorrt_compatible(model, spec.name)
+    _name_dims(model, spec)
+    onnx.save(model, str(path))  # external data stays where it is: only the interface's names changed
+    files = [path.name]
+    data = folder / f"{path.name}.data"
+    if data.exists():
+        files.append(data.name)
+    return files
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter narrates every step on stdout and through logging; a bundle export prints its own summary."""
+    level = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(level)
+
+
+def _name_dims(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Give the graph's inputs and outputs the spec's symbolic dims (the exporter names some output dims
+    after its internal symbols), after checking that every static size matches and that no size the
+    spec keeps symbolic was baked in as a constant."""
+    for kind, values, tensors in (("input", model.graph.input, spec.inputs), ("output", model.graph.output,
+                                                                             spec.outputs)):
+        names = [v.name for v in values]
+        if names != [t.name for t in tensors]:
+            raise WuerstchenError(f"graph {spec.name}: exported {kind}s {names} differ from the spec's")
+        for value, tensor in zip(values, tensors, strict=True):
+            dims = value.type.tensor_type.shape.dim
+            exported = [d.dim_param or d.dim_value for d in dims]
+            baked = [e for e, t in zip(exported, tensor.dims, strict=False)
+                     if isinstance(t, str) != isinstance(e, str) or (isinstance(t, int) and t != e)]
+            if len(exported) != len(tensor.dims) or baked:
+                raise WuerstchenError(f"graph {spec.name}: {kind} {value.name} was exported as {exported}, "
+                                      f"expected {list(tensor.dims)}")
+            for dim, wanted in zip(dims, tensor.dims, strict=True):
+                if isinstance(wanted, str):
+                    dim.dim_param = wanted
+
+
+def _schedule(pipe: WuerstchenPipeline) -> dict:
+    config = pipe.config
+    return {
+        "prior": vars(config.prior_schedule),
+        "decoder": vars(config.decoder_schedule),
+        "alpha_cumprod": "clamp(cos((t + s) / (1 + s) · π/2)² / cos(s / (1 + s) · π/2)², 1e-4, 0.9999)",
+        "step": "α = ᾱ(t)/ᾱ(t_next); x ← √(1/α)·(x − (1 − α)·eps/√(1 − ᾱ(t))) "
+                "+ [t_next ≠ 0]·√((1 − α)(1 − ᾱ(t_next))/(1 − ᾱ(t)))·z, z ~ N(0, 1), in float32",
+        "timesteps": "model evaluations at every grid point but the last; the model sees t in the bundle dtype",
+        "default_prior_timesteps": list(DEFAULT_PRIOR_TIMESTEPS),
+        "default_decoder_steps": 12,
+        "default_prior_guidance": 4.0,
+        "default_decoder_guidance": 0.0,
+        "guidance": "on when the scale exceeds 1: the batch is [images, images] against [prompt, negative] text, "
+                    "eps = lerp(eps_negative, eps_prompt, scale); the decoder's negative half sees a zero embedding",
+        "image_embeddings": {"latent_mean": config.latent_mean, "latent_std": config.latent_std,
+                             "formula": "image_embeddings = prior_latents · latent_mean − latent_std"},
+        "effnet_pyramid": {
+            "resize": "bicubic, antialiased (Keys a = −0.5, as PyTorch), align_corners, in float32",
+            "levels": injected_levels(config.decoder),
+            "inputs": [t["name"] for t in _describe(graph_specs(pipe)["decoder_condition"].inputs)[1:]],
+        },
+        "vqgan_scale_factor": config.vqgan.scale_factor,
+        "vqgan": "vqgan_decode multiplies by vqgan_scale_factor itself and clamps the images to [0, 1]",
+    }
+
+
+def export_bundle(
+    pipe: WuerstchenPipeline, out: str | Path, sources: dict, min_size: int = 256, max_size: int = 1536,
+    progress=print,
+) -> dict:
+    """Export a PyTorch pipeline, in its dtype, to a new bundle folder `out`; return the manifest.
+
+    `sources` records where the weights came from (file hashes, or a preset and seed). Sizes must lie
+    on the model's grid; the graphs serve every grid size from `min_size` to `max_size`.
+    """
+    out = Path(out)
+    config, grid = pipe.config, pipe.config.sizes
+    for name, value in (("min_size", min_size), ("max_size", max_size)):
+        on_grid = isinstance(value, int) and not isinstance(value, bool) and value % grid.step == 0
+        if not on_grid or not grid.min <= value <= grid.max:
+            raise WuerstchenError(f"{name}={value!r} is off the model's size grid: expected {grid.describe()}")
+    if min_size > max_size:
+        raise WuerstchenError(f"min_size={min_size} is above max_size={max_size}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise WuerstchenError(f"--out={str(out)!r} exists and is not an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    bundle_grid = SizeGrid(step=grid.step, min=min_size, max=max_size)
+    opset = OPSETS[pipe.dtype]
+
+    graphs, files = {}, []
+    for name, spec in graph_specs(pipe).items():
+        start = time.perf_counter()
+        graph_files = export_graph(spec, pipe, bundle_grid, out, opset)
+        size = sum((out / f).stat().st_size for f in graph_files)
+        progress(f"exported {name:<18} {size / 1e6:9.1f} MB  {time.perf_counter() - start:6.1f} s")
+        graphs[name] = {"file": graph_files[0], "inputs": _describe(spec.inputs), "outputs": _describe(spec.outputs)}
+        files += graph_files
+    for stage, encoder in (("prior", pipe.prior_text), ("decoder", pipe.decoder_text)):
+        saved = encoder.tokenizer.save_pretrained(out / f"tokenizer_{stage}")
+        files += [str(Path(f).relative_to(out)) for f in saved if Path(f).is_file()]
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "producer": {"engine": engine.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
+        "opset": opset,
+        "dtype": DTYPE_NAMES[pipe.dtype],
+        "fp32_islands": FP32_ISLANDS,
+        "sources": sources,
+        "config": config.to_dict(),
+        "sizes": vars(bundle_grid),
+        "symbols": {
+            "batch": "images per call; doubled where guidance batches the negative prompts",
+            "ph": f"ceil(height / {config.resolution_multiple})",
+            "pw": f"ceil(width / {config.resolution_multiple})",
+            "dh": f"int(ph · {config.latent_dim_scale}) / {config.decoder.downscale}",
+            "dw": f"int(pw · {config.latent_dim_scale}) / {config.decoder.downscale}",
+        },
+        "tokenizers": {"prior": "tokenizer_prior", "decoder": "tokenizer_decoder", "max_length": TEXT_TOKENS,
+                       "padding": "max_length", "truncation": True},
+        "schedule": _schedule(pipe),
+        "graphs": graphs,
+        "files": {relative: sha256(out / relative) for relative in sorted(set(files))},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def folder_sources(prior: str | Path, decoder: str | Path) -> dict:
+    """SHA-256 of every weight and config file in the two diffusers folders an export read."""
+    hashes = {}
+    for root in (Path(prior), Path(decoder)):
+        for file in sorted(root.rglob("*")):
+            if file.is_file() and file.suffix in (".safetensors", ".bin", ".json", ".txt"):
+                hashes[f"{root.name}/{file.relative_to(root)}"] = sha256(file)
+    return {"files": hashes}

@@ -1,0 +1,68 @@
+"""Every graph of a bundle against the PyTorch engine it was exported from, on random inputs at several
+sizes and batch sizes, compared with Polygraphy's comparator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from engine.backends.onnxruntime import OnnxGraph, choose_providers
+from engine.bundle import open_bundle
+from engine.pipeline import WuerstchenPipeline
+from engine.shapes import image_shapes
+from export.graphs import graph_specs
+
+# Worst error allowed, relative to the largest magnitude of the reference output.
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+def verification_sizes(grid) -> list[tuple[int, int]]:
+    """Both ends of a size range and a non-square size between them, as (height, width)."""
+    middle = grid.min + (grid.max - grid.min) // 2 // grid.step * grid.step
+    return list(dict.fromkeys([(grid.min, grid.min), (grid.max, middle), (grid.max, grid.max)]))
+
+
+def verify_bundle(
+    pipe: WuerstchenPipeline,
+    bundle: str | Path,
+    sizes: Sequence[tuple[int, int]] | None = None,
+    batches: Sequence[int] = (1, 2),
+    providers: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """The worst relative error, max |ONNX Runtime − PyTorch| / max |PyTorch|, of each graph over every
+    (size, batch) pair and output. `pipe` is the PyTorch pipeline the bundle was exported from."""
+    from polygraphy.comparator import Comparator, RunResults
+    from polygraphy.comparator.compare import SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    opened = open_bundle(bundle)
+    providers = choose_providers(providers)
+    device = torch.device("cuda" if providers[0] != "CPUExecutionProvider" else "cpu")
+    specs = graph_specs(pipe)
+    graphs = {name: OnnxGraph(opened, name, providers, device) for name in specs}
+    sizes = sizes or verification_sizes(opened.config.sizes)
+    tolerance = TOLERANCES.get(pipe.dtype, 5e-2)
+    generator = torch.Generator().manual_seed(0)
+    worst = dict.fromkeys(specs, 0.0)
+    for height, width in sizes:
+        for batch in batches:
+            shapes = image_shapes(opened.config, height, width, batch)
+            for name, spec in specs.items():
+                feeds = spec.sample(pipe.config, shapes, generator)
+                expected = {k: v.float().cpu().numpy() for k, v in spec.run(feeds).items()}
+                actual = {o["name"]: t.float().cpu().numpy() for o, t in zip(
+                    graphs[name].outputs, graphs[name](*feeds.values()), strict=True)}
+                results = RunResults()
+                results.append(("pytorch", [IterationResult(expected, runner_name="pytorch")]))
+                results.append(("onnxruntime", [IterationResult(actual, runner_name="onnxruntime")]))
+                scales = {k: max(float(abs(v).max()), 1e-12) for k, v in expected.items()}
+                compare = SimpleCompareFunc(atol={k: tolerance * s for k, s in scales.items()}, rtol=0)
+                for result in Comparator.compare_accuracy(results, compare_func=compare):
+                    for comparisons in result.values():
+                        for output, comparison in comparisons[0].items():
+                            worst[name] = max(worst[name], comparison.max_absdiff / scales[output])
+    return worst
