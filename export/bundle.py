@@ -18,7 +18,7 @@ import torch
 
 import engine
 from engine.bundle import DTYPE_NAMES, FORMAT, FORMAT_VERSION, MANIFEST, sha256
-from engine.config import SizeGrid
+from engine.config import SizeGrid, WuerstchenConfig
 from engine.errors import WuerstchenError
 from engine.models.blocks import attention_implementation
 from engine.models.decoder import injected_levels
@@ -44,10 +44,9 @@ def _describe(spec_tensors) -> list[dict]:
     return [{"name": t.name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.dims)} for t in spec_tensors]
 
 
-def export_graph(spec: GraphSpec, pipe: WuerstchenPipeline, grid: SizeGrid, folder: Path, opset: int) -> list[str]:
+def export_graph(spec: GraphSpec, config: WuerstchenConfig, grid: SizeGrid, folder: Path, opset: int) -> list[str]:
     """Export one graph to `folder/<name>.onnx` at a non-square sample size inside the range, check it
     against TensorRT's parser and the spec, and return its files (the graph, then its external data)."""
-    config = pipe.config
     height, width = min(grid.min + grid.step, grid.max), min(grid.min + 2 * grid.step, grid.max)
     sample = spec.sample(config, image_shapes(config, height, width, batch=2), torch.Generator().manual_seed(0))
     max_sizes = symbol_values(config, image_shapes(config, grid.max, grid.max, batch=MAX_BATCH))
@@ -158,7 +157,7 @@ def export_bundle(
     graphs, files = {}, []
     for name, spec in graph_specs(pipe).items():
         start = time.perf_counter()
-        graph_files = export_graph(spec, pipe, bundle_grid, out, opset)
+        graph_files = export_graph(spec, config, bundle_grid, out, opset)
         size = sum((out / f).stat().st_size for f in graph_files)
         progress(f"exported {name:<18} {size / 1e6:9.1f} MB  {time.perf_counter() - start:6.1f} s")
         graphs[name] = {"file": graph_files[0], "inputs": _describe(spec.inputs), "outputs": _describe(spec.outputs)}

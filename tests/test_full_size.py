@@ -83,7 +83,7 @@ def test_full_size_prior_exports_with_external_data(tmp_path):
     prior = random_stage(Prior, V2.prior, seed=0, device=cpu, dtype=torch.float32, shrink=("out.1.",))
     spec = graph_specs(SimpleNamespace(config=V2, dtype=torch.float32, prior=prior), ("prior_step",))["prior_step"]
     start = time.perf_counter()
-    files = export_graph(spec, SimpleNamespace(config=V2), V2.sizes, tmp_path, OPSETS[torch.float32])
+    files = export_graph(spec, V2, V2.sizes, tmp_path, OPSETS[torch.float32])
     seconds = time.perf_counter() - start
     sizes = {f: (tmp_path / f).stat().st_size for f in files}
     print(f"\nfull-size prior_step export: {seconds:.0f} s, {sizes}")
