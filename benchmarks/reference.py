@@ -109,3 +109,18 @@ def random_reference(config: WuerstchenConfig, seed: int = 0, device=None, dtype
             modules[stage] = perturb_(diffusers_module(stage, config).to(dtype), seed + offset)
     tame_head_(modules)
     return modules
+
+
+def load_diffusers(prior: str, decoder: str, device: torch.device, dtype: torch.dtype):
+    """diffusers' combined pipeline from the two published folders, as diffusers loads them."""
+    from diffusers import WuerstchenCombinedPipeline, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
+
+    prior_pipe = WuerstchenPriorPipeline.from_pretrained(prior, torch_dtype=dtype)
+    decoder_pipe = WuerstchenDecoderPipeline.from_pretrained(decoder, torch_dtype=dtype)
+    pipe = WuerstchenCombinedPipeline(
+        tokenizer=decoder_pipe.tokenizer, text_encoder=decoder_pipe.text_encoder, decoder=decoder_pipe.decoder,
+        scheduler=decoder_pipe.scheduler, vqgan=decoder_pipe.vqgan, prior_tokenizer=prior_pipe.tokenizer,
+        prior_text_encoder=prior_pipe.text_encoder, prior_prior=prior_pipe.prior, prior_scheduler=prior_pipe.scheduler,
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

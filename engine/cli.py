@@ -201,6 +201,12 @@ def export(args: argparse.Namespace) -> int:
     return 0 if all(error <= tolerance for error in worst.values()) else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from benchmarks.bench import command
+
+    return command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wuerstchen", description="Würstchen v2 text-to-image inference engine.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -244,6 +250,35 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--verify", action="store_true",
                      help="compare every graph in ONNX Runtime with PyTorch at several sizes and batch sizes")
     exp.set_defaults(run=export)
+
+    bench = commands.add_parser(
+        "bench", help="measure latency, throughput and efficiency, optionally against diffusers",
+        description="Measure end-to-end latency, per-stage times, throughput, peak memory, cold start and "
+                    "achieved TFLOP/s. Without a source, the full-size architecture with random weights.")
+    bench.add_argument("--preset", help="wuerstchen-v2 (default: random full-size weights) or tiny")
+    bench.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
+    bench.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
+    bench.add_argument("--bundle", metavar="DIR", help="an exported bundle, run with --backend onnxruntime")
+    bench.add_argument("--backend", help="torch (default) or onnxruntime (with --bundle)")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    bench.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
+    bench.add_argument("--sizes", nargs="+", default=["1024"], metavar="SIZE",
+                       help="image sizes: 1024 or HEIGHTxWIDTH (default 1024)")
+    bench.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N", help="images per call (default 1)")
+    bench.add_argument("--prior-steps", type=int, metavar="N", help="evenly spaced prior steps (default: the "
+                                                                   "published 29-evaluation schedule)")
+    bench.add_argument("--decoder-steps", type=int, default=12, metavar="N", help="decoder steps (default 12)")
+    bench.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance (default 4)")
+    bench.add_argument("--decoder-guidance", type=float, default=0.0, help="decoder guidance (default 0: off)")
+    bench.add_argument("--runs", type=int, default=5, help="timed runs per measurement (default 5)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed runs first, at least 1 (default 2)")
+    bench.add_argument("--baseline", nargs="+", default=[], metavar="NAME",
+                       help="also measure, same process and weights: diffusers, diffusers-compile")
+    bench.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start runs")
+    bench.add_argument("--json", metavar="FILE", help="write every record, with provenance, as JSON")
+    bench.add_argument("--csv", metavar="FILE", help="append one row per record")
+    bench.add_argument("--plot", metavar="FILE.png", help="plot per-stage latency and throughput (matplotlib)")
+    bench.set_defaults(run=lambda args: _bench(args))
     return parser
 
 

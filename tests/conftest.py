@@ -74,3 +74,13 @@ def tiny_pipeline(tiny_folders):
     pipe = WuerstchenPipeline.from_pretrained(*tiny_folders, device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_pipeline, tmp_path_factory):
+    """The perturbed tiny model exported in fp32 for sizes 128 to 512."""
+    from export.bundle import export_bundle
+
+    folder = tmp_path_factory.mktemp("bundles") / "tiny-fp32"
+    export_bundle(tiny_pipeline, folder, {"preset": "test"}, min_size=128, max_size=512, progress=lambda _: None)
+    return folder

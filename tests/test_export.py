@@ -24,14 +24,6 @@ SIZES = [(128, 128), (256, 384), (512, 128)]  # square, the export size, and nei
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_pipeline, tmp_path_factory) -> Path:
-    """The perturbed tiny model exported in fp32 for sizes 128 to 512."""
-    folder = tmp_path_factory.mktemp("bundles") / "tiny-fp32"
-    export_bundle(tiny_pipeline, folder, {"preset": "test"}, min_size=128, max_size=512, progress=lambda _: None)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def bundle_pipeline(tiny_bundle) -> WuerstchenPipeline:
     pipe = WuerstchenPipeline.from_bundle(tiny_bundle)
     pipe.set_progress_bar_config(disable=True)

@@ -1,6 +1,6 @@
 """One step of each full-size stage (random weights of the `wuerstchen-v2` architecture) against diffusers.
 
-Slow: about 3 minutes and 12 GB on a 2-core CPU. Run with `pytest --runslow tests/test_full_size.py`.
+Slow: about 5 minutes and 12 GB on a 2-core CPU. Run with `pytest --runslow tests/test_full_size.py`.
 """
 
 from __future__ import annotations

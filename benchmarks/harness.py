@@ -1,0 +1,212 @@
+"""Measuring a pipeline: end-to-end latency, per-stage times, throughput, peak memory and efficiency.
+
+The same measurement drives this engine and diffusers' `WuerstchenCombinedPipeline`, which take the same
+call. Per-stage times come from CUDA events recorded around every stage call and read once the run has
+finished (so timing adds no host sync inside the loop); on a CPU, from the wall clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.schedule import DEFAULT_PRIOR_TIMESTEPS
+
+STAGES = ("prior_text", "prior_condition", "prior_step", "decoder_text", "decoder_condition", "decoder_step",
+          "vqgan_decode")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The denoising recipe: by default the published one (29 prior evaluations with guidance 4, 12
+    decoder steps without guidance)."""
+
+    prior_steps: int | None = None  # None: the published 29-evaluation schedule
+    prior_guidance: float = 4.0
+    decoder_steps: int = 12
+    decoder_guidance: float = 0.0
+
+    @property
+    def prior_evaluations(self) -> int:
+        return len(DEFAULT_PRIOR_TIMESTEPS) - 1 if self.prior_steps is None else self.prior_steps
+
+    def call(self, height: int, width: int, batch: int) -> dict:
+        """Keyword arguments of a pipeline call, for this engine and diffusers alike."""
+        return dict(
+            prompt="a photograph of a lighthouse on a cliff at dusk", height=height, width=width,
+            prior_num_inference_steps=self.prior_evaluations,
+            prior_timesteps=list(DEFAULT_PRIOR_TIMESTEPS) if self.prior_steps is None else None,
+            prior_guidance_scale=self.prior_guidance, num_inference_steps=self.decoder_steps,
+            decoder_guidance_scale=self.decoder_guidance, num_images_per_prompt=batch, output_type="pt",
+        )
+
+
+class StageTimer:
+    """Times every call made through `timed`, per stage name."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pending: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self._pending.append((stage, start, end))
+
+    def collect(self) -> dict[str, list[float]]:
+        """Milliseconds of each call since the last collect, by stage (synchronises the device once)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        times: dict[str, list[float]] = {}
+        for stage, start, end in self._pending:
+            ms = start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
+            times.setdefault(stage, []).append(ms)
+        self._pending = []
+        return times
+
+
+class _TimedStage:
+    """A stage object whose call (and `condition`) run under a timer; everything else passes through."""
+
+    def __init__(self, stage, timer: StageTimer, name: str, condition_name: str | None = None):
+        self._stage, self._timer, self._name, self._condition_name = stage, timer, name, condition_name
+
+    def __call__(self, *args, **kwargs):
+        with self._timer.timed(self._name):
+            return self._stage(*args, **kwargs)
+
+    def condition(self, *args, **kwargs):
+        with self._timer.timed(self._condition_name):
+            return self._stage.condition(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._stage, name)
+
+
+@contextlib.contextmanager
+def instrument_engine(pipe, timer: StageTimer) -> Iterator[None]:
+    """Time this engine's stages (any backend) for the duration of the block."""
+    originals = {name: getattr(pipe, name) for name in ("prior_text", "prior", "decoder_text", "decoder", "vqgan")}
+    pipe.prior_text = _TimedStage(originals["prior_text"], timer, "prior_text")
+    pipe.prior = _TimedStage(originals["prior"], timer, "prior_step", "prior_condition")
+    pipe.decoder_text = _TimedStage(originals["decoder_text"], timer, "decoder_text")
+    pipe.decoder = _TimedStage(originals["decoder"], timer, "decoder_step", "decoder_condition")
+    pipe.vqgan = _TimedStage(originals["vqgan"], timer, "vqgan_decode")
+    try:
+        yield
+    finally:
+        for name, stage in originals.items():
+            setattr(pipe, name, stage)
+
+
+@contextlib.contextmanager
+def instrument_diffusers(pipe, timer: StageTimer) -> Iterator[None]:
+    """Time diffusers' stages: forward hooks on its modules, and its VQGAN's `decode`."""
+    handles, open_calls = [], {}
+    modules = {"prior_text": pipe.prior_pipe.text_encoder, "prior_step": pipe.prior_pipe.prior,
+               "decoder_text": pipe.decoder_pipe.text_encoder, "decoder_step": pipe.decoder_pipe.decoder}
+    for stage, module in modules.items():
+        def enter(_module, _args, stage=stage):
+            open_calls[stage] = timer.timed(stage)
+            open_calls[stage].__enter__()
+
+        def leave(_module, _args, _output, stage=stage):
+            open_calls.pop(stage).__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    vqgan = pipe.decoder_pipe.vqgan
+    decode = vqgan.decode
+
+    def timed_decode(*args, **kwargs):
+        with timer.timed("vqgan_decode"):
+            return decode(*args, **kwargs)
+
+    vqgan.decode = timed_decode
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        del vqgan.decode
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@dataclass
+class Measurement:
+    """What `measure` found: end-to-end seconds of every timed run, per-stage milliseconds of every call,
+    and the peak device memory (GB, None on a CPU)."""
+
+    seconds: list[float]
+    stage_ms: dict[str, list[float]] = field(default_factory=dict)
+    peak_memory_gb: float | None = None
+
+    def summary(self, batch: int) -> dict:
+        s = self.seconds
+        return {
+            "latency_s": {"median": statistics.median(s), "p90": _percentile(s, 0.9), "min": min(s), "max": max(s)},
+            "images_per_s": batch / statistics.median(s),
+            "stages_ms": {stage: {"median": statistics.median(ms), "calls_per_run": len(ms) / len(s)}
+                          for stage, ms in self.stage_ms.items()},
+            "peak_memory_gb": self.peak_memory_gb,
+        }
+
+
+def measure(
+    run: Callable[[], object], instrument: Callable[[StageTimer], contextlib.AbstractContextManager] | None,
+    device: torch.device, warmup: int, runs: int,
+) -> Measurement:
+    """Time `run()` `runs` times after `warmup` untimed calls; per stage too when `instrument` is given."""
+    for _ in range(warmup):
+        run()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = StageTimer(device)
+    seconds, stage_ms = [], {}
+    with instrument(timer) if instrument else contextlib.nullcontext():
+        for _ in range(runs):
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            seconds.append(time.perf_counter() - start)
+            for stage, ms in timer.collect().items():
+                stage_ms.setdefault(stage, []).extend(ms)
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    return Measurement(seconds, stage_ms, peak)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The device's measured dense matmul rate in `dtype`: the bar for efficiency figures."""
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    runs, start = 10, time.perf_counter()
+    for _ in range(runs):
+        a @ b
+    _sync(device)
+    return 2 * size**3 * runs / (time.perf_counter() - start) / 1e12

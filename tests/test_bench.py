@@ -1,0 +1,107 @@
+"""`wuerstchen bench` end to end on the tiny preset (its numbers mean something only on a GPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from engine.cli import main
+
+TINY = ["--preset", "tiny", "--sizes", "128", "--warmup", "1", "--runs", "2", "--prior-steps", "3",
+        "--decoder-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One bench of the tiny preset against diffusers at two batch sizes, with every output written."""
+    folder = tmp_path_factory.mktemp("bench")
+    argv = ["bench", *TINY, "--batch", "1", "2", "--baseline", "diffusers", "--json", str(folder / "out.json"),
+            "--csv", str(folder / "rows.csv"), "--plot", str(folder / "plot.png")]
+    assert main(argv) == 0
+    return folder
+
+
+def test_json_records_hold_provenance_workload_and_results(bench_run):
+    records = json.loads((bench_run / "out.json").read_text())["records"]
+    assert [(r["workload"]["target"], r["workload"]["batch"]) for r in records] == [
+        ("engine", 1), ("diffusers", 1), ("engine", 2), ("diffusers", 2)]
+    for record in records:
+        origin, workload, results = record["provenance"], record["workload"], record["results"]
+        assert set(origin) >= {"date", "device", "driver", "cuda", "versions", "git_commit"}
+        assert set(origin["versions"]) >= {"torch", "triton", "onnxruntime", "diffusers", "python"}
+        assert origin["versions"]["torch"] and origin["device"].startswith("CPU")
+        assert workload | {"recipe": None} == {
+            "target": workload["target"], "source": "preset tiny (random weights)", "backend": "torch",
+            "dtype": "fp32", "height": 128, "width": 128, "batch": workload["batch"], "warmup": 1, "runs": 2,
+            "recipe": None}
+        assert workload["recipe"] == {"prior_steps": 3, "prior_guidance": 4.0, "decoder_steps": 2,
+                                      "decoder_guidance": 0.0, "prior_evaluations": 3}
+        latency = results["latency_s"]
+        assert 0 < latency["min"] <= latency["median"] <= latency["p90"] <= latency["max"]
+        assert results["images_per_s"] == pytest.approx(workload["batch"] / latency["median"])
+        assert set(results["stages_ms"]) >= {"prior_text", "prior_step", "decoder_text", "decoder_step",
+                                             "vqgan_decode"}
+        assert results["stages_ms"]["prior_step"]["calls_per_run"] == 3
+        assert results["stages_ms"]["decoder_step"]["calls_per_run"] == 2
+        assert results["stages_ms"]["prior_text"]["calls_per_run"] == 2  # prompts, then negative prompts
+        assert results["stages_ms"]["prior_step"]["tflops"] > 0
+        assert results["peak_memory_gb"] is None  # no device memory on a CPU
+        assert results["tflops"] > 0 and 0 < results["fraction_of_matmul_peak"]
+        assert record["matmul_peak_tflops"] > 0 and record["flops"]["request"]["total"] > 0
+        other = "diffusers" if workload["target"] == "engine" else "engine"
+        assert results["speedup_vs"][other] > 0
+    assert all(r["results"]["cold_start_s"] > 0 for r in records[:2])  # at the first size and batch only
+    assert "cold_start_s" not in records[2]["results"]
+    engine = records[0]["results"]["stages_ms"]
+    assert engine["prior_condition"]["calls_per_run"] == 1 and engine["decoder_condition"]["calls_per_run"] == 1
+
+
+def test_csv_rows_and_plot(bench_run, capsys):
+    rows = list(csv.DictReader(open(bench_run / "rows.csv")))
+    assert [row["target"] for row in rows] == ["engine", "diffusers", "engine", "diffusers"]
+    assert float(rows[0]["latency_median_s"]) > 0 and rows[0]["device"].startswith("CPU")
+    assert (bench_run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_csv_appends(tmp_path):
+    for _ in range(2):
+        assert main(["bench", *TINY, "--no-cold-start", "--csv", str(tmp_path / "rows.csv")]) == 0
+    lines = (tmp_path / "rows.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("date,device")
+
+
+def test_table_on_stdout(tmp_path, capsys):
+    assert main(["bench", *TINY, "--no-cold-start"]) == 0
+    out = capsys.readouterr().out
+    assert "prior 3 evaluations (guidance 4), decoder 2 steps (guidance 0)" in out
+    assert "128×128" in out and "engine" in out and "TFLOP/s" in out
+
+
+def test_bench_runs_a_bundle_on_onnxruntime(tiny_bundle, tmp_path):
+    argv = ["bench", "--bundle", str(tiny_bundle), "--sizes", "256x128", "--warmup", "1", "--runs", "1",
+            "--prior-steps", "2", "--decoder-steps", "2", "--no-cold-start", "--json", str(tmp_path / "o.json")]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "o.json").read_text())["records"][0]
+    assert record["workload"]["backend"] == "onnxruntime" and record["workload"]["source"].startswith("bundle")
+    assert record["results"]["stages_ms"]["decoder_step"]["calls_per_run"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "preset='huge' is unknown: expected one of ['tiny', 'wuerstchen-v2']"),
+    (["--preset", "tiny", "--backend", "tensorrt-llm"], "backend='tensorrt-llm' is unknown: expected one of"),
+    (["--preset", "tiny", "--dtype", "fp8"], "--dtype 'fp8' is not supported: expected auto, fp32, fp16 or bf16"),
+    (["--preset", "tiny", "--batch", "0"], "--batch 0: expected positive integers"),
+    (["--preset", "tiny", "--runs", "0"], "--runs 0: expected a positive integer"),
+    (["--preset", "tiny", "--sizes", "1000"], "--sizes 1000: height=1000 is off the model's size grid"),
+    (["--preset", "tiny", "--sizes", "big"], "--sizes 'big': expected a side such as 1024 or HEIGHTxWIDTH"),
+    (["--preset", "tiny", "--baseline", "xformers"], "--baseline xformers: expected any of diffusers, "
+                                                     "diffusers-compile"),
+    (["--preset", "tiny", "--backend", "onnxruntime"], "--backend onnxruntime: onnxruntime runs a --bundle"),
+    (["--bundle", "b", "--baseline", "diffusers"], "--baseline needs the weights"),
+])
+def test_bad_arguments_are_one_line(capsys, args, message):
+    assert main(["bench", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("wuerstchen bench: error: ") and message in err
