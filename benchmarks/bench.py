@@ -47,7 +47,7 @@ class Source:
 @dataclass(frozen=True)
 class Options:
     source: Source
-    backend: Backend
+    backends: tuple[Backend, ...]
     device: torch.device
     dtype: torch.dtype
     sizes: tuple[tuple[int, int], ...]
@@ -87,23 +87,24 @@ def provenance(device: torch.device) -> dict:
     }
 
 
-def build_engine(options: Options):
+def build_engine(options: Options, backend: Backend):
     from engine import WuerstchenPipeline
 
     source = options.source
     if source.bundle:
         providers = ["CPUExecutionProvider"] if options.device.type == "cpu" else None
-        pipe = WuerstchenPipeline.from_bundle(source.bundle, options.backend, providers=providers)
+        pipe = WuerstchenPipeline.from_bundle(source.bundle, backend, providers=providers)
     elif source.prior:
-        pipe = WuerstchenPipeline.from_pretrained(source.prior, source.decoder, options.device, options.dtype)
+        pipe = WuerstchenPipeline.from_pretrained(source.prior, source.decoder, options.device, options.dtype,
+                                                  backend=backend)
     else:
-        pipe = WuerstchenPipeline.from_preset(source.preset, options.device, options.dtype)
+        pipe = WuerstchenPipeline.from_preset(source.preset, options.device, options.dtype, backend=backend)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def build_pair(options: Options):
-    """This engine and diffusers' pipeline on one set of weights."""
+def build_diffusers(options: Options):
+    """diffusers' pipeline, and this engine's on each backend, on one set of weights."""
     from diffusers.utils import logging
 
     from benchmarks.reference import diffusers_pipeline, engine_pipeline, load_diffusers, random_reference
@@ -113,12 +114,14 @@ def build_pair(options: Options):
     logging.set_verbosity_error()  # its deprecation and dtype-cast notices would bury the report
     source = options.source
     if source.prior:
-        return build_engine(options), load_diffusers(source.prior, source.decoder, options.device, options.dtype)
+        engines = {backend: build_engine(options, backend) for backend in options.backends}
+        return engines, load_diffusers(source.prior, source.decoder, options.device, options.dtype)
     config = preset(source.preset)
     modules = random_reference(config, device=options.device, dtype=options.dtype)
     tokenizer = byte_level_tokenizer()
-    return (engine_pipeline(modules, tokenizer, config, options.device, options.dtype),
-            diffusers_pipeline(modules, tokenizer))
+    engines = {backend: engine_pipeline(modules, tokenizer, config, options.device, options.dtype)._use_backend(
+        backend) for backend in options.backends}
+    return engines, diffusers_pipeline(modules, tokenizer)
 
 
 @contextlib.contextmanager
@@ -135,9 +138,9 @@ def compiled(pipe) -> Iterator[None]:
 
 def cold_start_seconds(options: Options, target: str, height: int, width: int, batch: int) -> float:
     """Seconds from starting a fresh Python process to its first image (imports, loading, one call)."""
-    spec = {"target": target, "source": asdict(options.source), "backend": options.backend.value,
-            "device": str(options.device), "dtype": DTYPE_NAMES[options.dtype], "height": height, "width": width,
-            "batch": batch, "recipe": asdict(options.recipe)}
+    spec = {"target": target, "source": asdict(options.source), "device": str(options.device),
+            "dtype": DTYPE_NAMES[options.dtype], "height": height, "width": width, "batch": batch,
+            "recipe": asdict(options.recipe)}
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "benchmarks.cold_start", json.dumps(spec)], cwd=REPOSITORY,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -173,12 +176,14 @@ def _flops(config, recipe: Recipe, height: int, width: int, batch: int) -> dict:
 
 
 def _targets(options: Options) -> dict:
-    """target name → (pipeline, its stage instrumentation or None, a context to run it in)."""
-    if not options.baselines:
-        engine = build_engine(options)
-        return {"engine": (engine, lambda timer: instrument_engine(engine, timer), contextlib.nullcontext)}
-    engine, reference = build_pair(options)
-    targets = {"engine": (engine, lambda timer: instrument_engine(engine, timer), contextlib.nullcontext)}
+    """target name (a backend of this engine, or a baseline) → (pipeline, its stage instrumentation or None,
+    a context to run it in)."""
+    if options.baselines:
+        engines, reference = build_diffusers(options)
+    else:
+        engines = {backend: build_engine(options, backend) for backend in options.backends}
+    targets = {backend.value: (engine, lambda timer, engine=engine: instrument_engine(engine, timer),
+                               contextlib.nullcontext) for backend, engine in engines.items()}
     if "diffusers" in options.baselines:
         targets["diffusers"] = (reference, lambda timer: instrument_diffusers(reference, timer),
                                 contextlib.nullcontext)
@@ -206,7 +211,7 @@ def _measure_target(pipe, instrument, setup, call: dict, options: Options, batch
 def run(options: Options, progress=print) -> list[dict]:
     """Measure every target at every (size, batch); one record each, with provenance and workload."""
     targets = _targets(options)
-    config = targets["engine"][0].config
+    config = next(iter(targets.values()))[0].config
     peak = matmul_peak_tflops(options.device, options.dtype)
     origin = provenance(options.device)
     records = []
@@ -233,7 +238,7 @@ def run(options: Options, progress=print) -> list[dict]:
                 records.append({
                     "provenance": origin,
                     "workload": {"target": target, "source": options.source.describe(),
-                                 "backend": options.backend.value if target == "engine" else "torch",
+                                 "backend": "torch" if target in BASELINES else target,
                                  "dtype": DTYPE_NAMES[options.dtype], "height": height, "width": width,
                                  "batch": batch, "warmup": options.warmup, "runs": options.runs,
                                  "recipe": asdict(options.recipe) | {
@@ -280,9 +285,12 @@ def options_from_args(args) -> Options:
         raise WuerstchenError("--preset, --prior/--decoder and --bundle are alternatives: pass one")
     source = Source(preset=args.preset or ("wuerstchen-v2" if not (args.prior or args.bundle) else None),
                     prior=args.prior, decoder=args.decoder, bundle=args.bundle)
-    backend = Backend.parse(args.backend or (Backend.ONNXRUNTIME if args.bundle else Backend.TORCH))
-    if (backend is Backend.ONNXRUNTIME) != bool(args.bundle):
-        raise WuerstchenError(f"--backend {backend.value}: onnxruntime runs a --bundle, torch runs a preset or folders")
+    backends = tuple(dict.fromkeys(Backend.parse(b) for b in args.backend or
+                                   [Backend.ONNXRUNTIME if args.bundle else Backend.TORCH]))
+    for backend in backends:
+        if (backend is Backend.ONNXRUNTIME) != bool(args.bundle):
+            raise WuerstchenError(f"--backend {backend.value}: onnxruntime runs a --bundle, the torch backends run a "
+                                  "preset or folders")
     if args.bundle and args.baseline:
         raise WuerstchenError("--baseline needs the weights: pass --preset or --prior/--decoder, not --bundle")
     if source.bundle:
@@ -298,7 +306,7 @@ def options_from_args(args) -> Options:
         except WuerstchenError as error:
             raise WuerstchenError(f"--sizes {text}: {error}") from None
     device = resolve_device(args.device)
-    return Options(source=source, backend=backend, device=device, dtype=resolve_dtype(args.dtype, device),
+    return Options(source=source, backends=backends, device=device, dtype=resolve_dtype(args.dtype, device),
                    sizes=sizes, batches=tuple(args.batch), recipe=Recipe(args.prior_steps, args.prior_guidance,
                                                                           args.decoder_steps, args.decoder_guidance),
                    warmup=args.warmup, runs=args.runs, baselines=tuple(args.baseline),

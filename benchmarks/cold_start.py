@@ -18,11 +18,11 @@ def main(spec: dict) -> None:
     from engine.backends import Backend
     from engine.device import DTYPES
 
-    options = Options(source=Source(**spec["source"]), backend=Backend(spec["backend"]),
-                      device=torch.device(spec["device"]), dtype=DTYPES[spec["dtype"]], sizes=(), batches=(),
-                      recipe=Recipe(**spec["recipe"]), warmup=0, runs=0)
-    if spec["target"] == "engine":
-        pipe = build_engine(options)
+    options = Options(source=Source(**spec["source"]), backends=(), device=torch.device(spec["device"]),
+                      dtype=DTYPES[spec["dtype"]], sizes=(), batches=(), recipe=Recipe(**spec["recipe"]), warmup=0,
+                      runs=0)
+    if spec["target"] in {backend.value for backend in Backend}:
+        pipe = build_engine(options, Backend(spec["target"]))
     else:
         from benchmarks.reference import diffusers_pipeline, load_diffusers, random_reference
         from engine import preset

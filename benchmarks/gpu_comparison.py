@@ -1,10 +1,11 @@
-"""The full comparison on one GPU, inside ten minutes: this engine against diffusers in the same process
-on the same random full-size weights, at 1024², batch 1 and 4, with the published recipe.
+"""The full comparison on one GPU, inside ten minutes: this engine, eager and fast, against diffusers in
+the same process on the same random full-size weights, at 1024², batch 1 and 4, with the published
+recipe; then the attention kernel against SDPA at Würstchen's shapes.
 
-    python -m benchmarks.gpu_comparison                  # engine vs diffusers eager, fp16
+    python -m benchmarks.gpu_comparison                  # torch, torch-fast, diffusers eager; fp16
     python -m benchmarks.gpu_comparison --compile        # also diffusers + torch.compile (~2 min more)
 
-Prints the table and writes bench.json, bench.csv (appended) and bench.png into --out.
+Prints the tables and writes bench.json, bench.csv (appended), bench.png and attention.json into --out.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from benchmarks.attention import main as attention_benchmark
 from engine.cli import main as wuerstchen
 
 
@@ -26,11 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     baselines = ["diffusers", "diffusers-compile"] if args.compile else ["diffusers"]
-    return wuerstchen([
+    status = wuerstchen([
         "bench", "--preset", "wuerstchen-v2", "--device", "cuda", "--dtype", args.dtype, "--sizes", "1024",
-        "--batch", "1", "4", "--runs", args.runs, "--baseline", *baselines, "--json", str(out / "bench.json"),
-        "--csv", str(out / "bench.csv"), "--plot", str(out / "bench.png"),
+        "--batch", "1", "4", "--runs", args.runs, "--backend", "torch", "torch-fast", "--baseline", *baselines,
+        "--json", str(out / "bench.json"), "--csv", str(out / "bench.csv"), "--plot", str(out / "bench.png"),
     ])
+    return status or attention_benchmark(["--dtype", args.dtype, "--json", str(out / "attention.json")])
 
 
 if __name__ == "__main__":

@@ -51,10 +51,11 @@ class StageTimer:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._pending: list[tuple[str, object, object]] = []
+        self._pending: list[tuple[str, object, object, int]] = []
 
     @contextlib.contextmanager
-    def timed(self, stage: str) -> Iterator[None]:
+    def timed(self, stage: str, calls: int = 1) -> Iterator[None]:
+        """Time the block as `calls` calls of `stage` of equal length (a loop replayed as a whole)."""
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -64,27 +65,30 @@ class StageTimer:
             start = time.perf_counter()
             yield
             end = time.perf_counter()
-        self._pending.append((stage, start, end))
+        self._pending.append((stage, start, end, calls))
 
     def collect(self) -> dict[str, list[float]]:
         """Milliseconds of each call since the last collect, by stage (synchronises the device once)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         times: dict[str, list[float]] = {}
-        for stage, start, end in self._pending:
+        for stage, start, end, calls in self._pending:
             ms = start.elapsed_time(end) if self.device.type == "cuda" else (end - start) * 1e3
-            times.setdefault(stage, []).append(ms)
+            times.setdefault(stage, []).extend([ms / calls] * calls)
         self._pending = []
         return times
 
 
 class _TimedStage:
-    """A stage object whose call (and `condition`) run under a timer; everything else passes through."""
+    """A stage object whose call (unless `name` is None) and `condition` run under a timer; everything else
+    passes through."""
 
-    def __init__(self, stage, timer: StageTimer, name: str, condition_name: str | None = None):
+    def __init__(self, stage, timer: StageTimer, name: str | None, condition_name: str | None = None):
         self._stage, self._timer, self._name, self._condition_name = stage, timer, name, condition_name
 
     def __call__(self, *args, **kwargs):
+        if self._name is None:
+            return self._stage(*args, **kwargs)
         with self._timer.timed(self._name):
             return self._stage(*args, **kwargs)
 
@@ -98,18 +102,30 @@ class _TimedStage:
 
 @contextlib.contextmanager
 def instrument_engine(pipe, timer: StageTimer) -> Iterator[None]:
-    """Time this engine's stages (any backend) for the duration of the block."""
+    """Time this engine's stages (any backend) for the duration of the block. Steps replayed as CUDA graphs
+    make no Python call per step: there each loop is timed whole and shared evenly among its steps."""
+    graphs = pipe.step_graphs
     originals = {name: getattr(pipe, name) for name in ("prior_text", "prior", "decoder_text", "decoder", "vqgan")}
     pipe.prior_text = _TimedStage(originals["prior_text"], timer, "prior_text")
-    pipe.prior = _TimedStage(originals["prior"], timer, "prior_step", "prior_condition")
+    pipe.prior = _TimedStage(originals["prior"], timer, None if graphs else "prior_step", "prior_condition")
     pipe.decoder_text = _TimedStage(originals["decoder_text"], timer, "decoder_text")
-    pipe.decoder = _TimedStage(originals["decoder"], timer, "decoder_step", "decoder_condition")
+    pipe.decoder = _TimedStage(originals["decoder"], timer, None if graphs else "decoder_step", "decoder_condition")
     pipe.vqgan = _TimedStage(originals["vqgan"], timer, "vqgan_decode")
+    if graphs is not None:
+        replayed = graphs.denoise
+
+        def timed_loop(stage, model, conditioning, schedule, *args, **kwargs):
+            with timer.timed(f"{stage}_step", calls=schedule.num_steps):
+                return replayed(stage, model, conditioning, schedule, *args, **kwargs)
+
+        graphs.denoise = timed_loop
     try:
         yield
     finally:
         for name, stage in originals.items():
             setattr(pipe, name, stage)
+        if graphs is not None:
+            del graphs.denoise
 
 
 @contextlib.contextmanager

@@ -82,7 +82,7 @@ def _model(args: argparse.Namespace):
         return (open_bundle(args.bundle, check_hashes=False).config,
                 lambda: WuerstchenPipeline.from_bundle(args.bundle, backend, providers=providers),
                 f"bundle {args.bundle} on {backend.value}")
-    if backend is not Backend.TORCH:
+    if backend is Backend.ONNXRUNTIME:
         raise WuerstchenError(f"--backend {backend.value} runs a --bundle: make one with `wuerstchen export`")
     if (args.prior is None) != (args.decoder is None):
         given, missing = ("--prior", "--decoder") if args.prior else ("--decoder", "--prior")
@@ -90,12 +90,13 @@ def _model(args: argparse.Namespace):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.prior is None:
-        return (preset("tiny"), lambda: WuerstchenPipeline.from_preset("tiny", device=device, dtype=dtype),
-                "tiny demo (random weights)")
+        return (preset("tiny"),
+                lambda: WuerstchenPipeline.from_preset("tiny", device=device, dtype=dtype, backend=backend),
+                f"tiny demo (random weights) on {backend.value}")
     return (read_config(args.prior, args.decoder),
             lambda: WuerstchenPipeline.from_pretrained(args.prior, args.decoder, device=device, dtype=dtype,
-                                                       variant=args.variant),
-            f"{args.prior} + {args.decoder}")
+                                                       variant=args.variant, backend=backend),
+            f"{args.prior} + {args.decoder} on {backend.value}")
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
     gen.add_argument("--variant", metavar="NAME", help="weight file variant to read, e.g. fp16")
     gen.add_argument("--bundle", metavar="DIR", help="an exported bundle (wuerstchen export) to run instead")
-    gen.add_argument("--backend", help="torch (folders, the demo) or onnxruntime (a bundle); default: by source")
+    gen.add_argument("--backend", help="torch (default), torch-fast (Triton attention, CUDA-graph steps) or "
+                                       "torch-compile for folders and the demo; onnxruntime for a --bundle")
     gen.add_argument("--negative-prompt", help="what the image should not show (used by every guided stage)")
     gen.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 128 (default 1024)")
     gen.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 128 (default 1024)")
@@ -259,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
     bench.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
     bench.add_argument("--bundle", metavar="DIR", help="an exported bundle, run with --backend onnxruntime")
-    bench.add_argument("--backend", help="torch (default) or onnxruntime (with --bundle)")
+    bench.add_argument("--backend", nargs="+", metavar="NAME",
+                       help="one or more of torch (default), torch-fast, torch-compile; onnxruntime with --bundle")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     bench.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     bench.add_argument("--sizes", nargs="+", default=["1024"], metavar="SIZE",

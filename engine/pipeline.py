@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,11 @@ from engine.config import (
     WuerstchenConfig,
     preset,
 )
+from engine.denoise import Model, StepGraphs, denoise
 from engine.device import resolve_device, resolve_dtype
 from engine.errors import WuerstchenError
 from engine.models import Decoder, Prior, VQGANDecoder
+from engine.models.blocks import use_attention
 from engine.models.decoder import resize_image_embeddings
 from engine.schedule import DenoisingSchedule, Generator, draw_denoising_noise, make_schedule, timestep_grid
 from engine.shapes import Shapes, image_shapes
@@ -160,31 +163,6 @@ def check_request(
     )
 
 
-def denoise(
-    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    schedule: DenoisingSchedule,
-    initial: torch.Tensor,
-    noise: Sequence[torch.Tensor],
-    guidance_scale: float,
-    progress: tqdm | None = None,
-) -> torch.Tensor:
-    """The DDPM-Würstchen loop: one model evaluation per step, classifier-free guidance when the scale
-    exceeds 1 (the model sees [x, x] against [text, negative text] states; ATen's lerp combines them)."""
-    guided = guidance_scale > 1
-    x = initial
-    for i in range(schedule.num_steps):
-        r = schedule.ratios[i].expand(x.shape[0])
-        if guided:
-            eps_text, eps_uncond = model(torch.cat([x, x]), torch.cat([r, r])).chunk(2)
-            eps = torch.lerp(eps_uncond, eps_text, guidance_scale)
-        else:
-            eps = model(x, r)
-        x = schedule.step(i, x, eps, noise[i])
-        if progress is not None:
-            progress.update()
-    return x
-
-
 class _StageClock:
     """Wall-clock seconds per stage; on a GPU, synchronises at stage boundaries only."""
 
@@ -254,7 +232,30 @@ class WuerstchenPipeline:
         self.decoder_text, self.decoder = decoder_text, decoder
         self.vqgan = vqgan
         self.device, self.dtype = device, dtype
+        self.backend = Backend.TORCH
+        self.step_graphs: StepGraphs | None = None  # captured denoising steps, on the fast backends
         self._progress_bar_config: dict = {}
+
+    def _use_backend(self, backend: str | Backend) -> WuerstchenPipeline:
+        """Switch the PyTorch stages to a faster backend: `torch-fast` runs attention in this project's Triton
+        kernel and every denoising step as one CUDA graph; `torch-compile` also compiles the prior and the
+        decoder with torch.compile."""
+        backend = Backend.parse(backend)
+        if backend is Backend.ONNXRUNTIME:
+            raise WuerstchenError("backend='onnxruntime' runs a bundle: use WuerstchenPipeline.from_bundle")
+        if backend is Backend.TORCH:
+            return self
+        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise WuerstchenError(f"backend={backend.value!r} runs Triton kernels on a CUDA GPU (on a CPU only "
+                                  "in Triton's interpreter, TRITON_INTERPRET=1, for tests): use backend='torch'")
+        use_attention(self.prior, "triton")
+        use_attention(self.decoder, "triton")
+        self.step_graphs = StepGraphs()
+        if backend is Backend.TORCH_COMPILE:
+            self.prior = torch.compile(self.prior, fullgraph=True, dynamic=False)
+            self.decoder = torch.compile(self.decoder, fullgraph=True, dynamic=False)
+        self.backend = backend
+        return self
 
     @classmethod
     def from_pretrained(
@@ -264,10 +265,12 @@ class WuerstchenPipeline:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         variant: str | None = None,
+        backend: str = "torch",
     ) -> WuerstchenPipeline:
         """Load the two published diffusers folders: `prior` as warp-ai/wuerstchen-prior, `decoder` as
         warp-ai/wuerstchen. `device` defaults to the GPU when there is one, `dtype` to fp16 on a GPU and
-        fp32 on the CPU; `variant="fp16"` reads the `*.fp16.*` weight files."""
+        fp32 on the CPU; `variant="fp16"` reads the `*.fp16.*` weight files. `backend` is "torch" (eager),
+        "torch-fast" (Triton attention, CUDA-graph steps) or "torch-compile" (also torch.compile)."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         config = read_config(prior, decoder)
@@ -281,7 +284,7 @@ class WuerstchenPipeline:
             vqgan=load_stage("vqgan", VQGANDecoder, config.vqgan, decoder_root / "vqgan", device, dtype, variant),
             device=device,
             dtype=dtype,
-        )
+        )._use_backend(backend)
 
     @classmethod
     def from_preset(
@@ -290,9 +293,11 @@ class WuerstchenPipeline:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         seed: int = 0,
+        backend: str = "torch",
     ) -> WuerstchenPipeline:
         """A pipeline of a named architecture (`wuerstchen-v2` or `tiny`) with seeded random weights and a
-        byte-level tokenizer: its images are noise, its cost is the real model's."""
+        byte-level tokenizer: its images are noise, its cost is the real model's. `backend` as for
+        `from_pretrained`."""
         config = preset(name)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -307,7 +312,7 @@ class WuerstchenPipeline:
             vqgan=random_stage(VQGANDecoder, config.vqgan, seed + 4, device, dtype),
             device=device,
             dtype=dtype,
-        )
+        )._use_backend(backend)
 
     @classmethod
     def from_bundle(
@@ -329,11 +334,20 @@ class WuerstchenPipeline:
         from engine.backends.onnxruntime import load_stages
 
         stages, device = load_stages(opened, providers)
-        return cls(config=opened.config, **stages, device=device, dtype=opened.dtype)
+        pipe = cls(config=opened.config, **stages, device=device, dtype=opened.dtype)
+        pipe.backend = backend
+        return pipe
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for the tqdm bars over the prior and decoder steps, e.g. `disable=True`."""
         self._progress_bar_config = kwargs
+
+    def _denoise(self, stage: str, model: Model, conditioning: tuple[torch.Tensor, ...],
+                 schedule: DenoisingSchedule, initial: torch.Tensor, noise, guidance_scale: float, progress):
+        if self.step_graphs is not None:
+            return self.step_graphs.denoise(stage, model, conditioning, schedule, initial, noise, guidance_scale,
+                                            progress)
+        return denoise(model, conditioning, schedule, initial, noise, guidance_scale, progress)
 
     def _text_states(self, encoder: TextEncoder, request: Request, guided: bool) -> torch.Tensor:
         """One row of text states per image; with guidance, the negative prompts' rows follow."""
@@ -386,8 +400,8 @@ class WuerstchenPipeline:
                 initial, noise = draw_denoising_noise(
                     shapes.prior_latent, prior_schedule.num_steps, request.generator, device, dtype)
                 text_kv = self.prior.condition(prior_text)
-                latents = denoise(lambda x, r: self.prior(x, r, text_kv), prior_schedule, initial, noise,
-                                  request.prior_guidance, progress)
+                latents = self._denoise("prior", lambda x, r, kv: self.prior(x, r, kv), text_kv, prior_schedule,
+                                        initial, noise, request.prior_guidance, progress)
                 image_embeddings = latents * config.latent_mean - config.latent_std
 
             # 3. Decoder: denoise the VQGAN latent; the unguided branch sees a zero image embedding.
@@ -398,8 +412,10 @@ class WuerstchenPipeline:
                     image_embeddings = torch.cat([image_embeddings, torch.zeros_like(image_embeddings)])
                 pyramid = resize_image_embeddings(image_embeddings, config.decoder, shapes.decoder_levels)
                 text_kv, effnet = self.decoder.condition(pyramid, decoder_text)
-                latents = denoise(lambda x, r: self.decoder(x, r, text_kv, effnet), decoder_schedule, initial,
-                                  noise, request.decoder_guidance, progress)
+                split = len(text_kv)
+                latents = self._denoise(
+                    "decoder", lambda x, r, c: self.decoder(x, r, c[:split], c[split:]), (*text_kv, *effnet),
+                    decoder_schedule, initial, noise, request.decoder_guidance, progress)
 
         if request.output_type == "latent":
             return WuerstchenOutput(images=latents, timings=clock.seconds)

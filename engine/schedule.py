@@ -63,11 +63,13 @@ class DenoisingSchedule:
     def num_steps(self) -> int:
         return self.ratios.shape[0]
 
-    def step(self, i: int, x: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x at the next noise level from x and the predicted noise eps; computed in fp32, returned in x's dtype."""
-        sqrt_recip_alpha, one_minus_alpha, sqrt_one_minus_acp, noise_scale = self.coefficients[i]
-        mean = sqrt_recip_alpha * (x.float() - one_minus_alpha * eps.float() / sqrt_one_minus_acp)
-        return (mean + noise_scale * noise.float()).to(x.dtype)
+
+def sampler_step(coefficients: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x at the next noise level, from x, the predicted noise eps, the step's noise and its row of
+    `DenoisingSchedule.coefficients`; computed in fp32, returned in x's dtype."""
+    sqrt_recip_alpha, one_minus_alpha, sqrt_one_minus_acp, noise_scale = coefficients
+    mean = sqrt_recip_alpha * (x.float() - one_minus_alpha * eps.float() / sqrt_one_minus_acp)
+    return (mean + noise_scale * noise.float()).to(x.dtype)
 
 
 def make_schedule(

@@ -51,7 +51,7 @@ def export_graph(spec: GraphSpec, config: WuerstchenConfig, grid: SizeGrid, fold
     sample = spec.sample(config, image_shapes(config, height, width, batch=2), torch.Generator().manual_seed(0))
     max_sizes = symbol_values(config, image_shapes(config, grid.max, grid.max, batch=MAX_BATCH))
     path = folder / f"{spec.name}.onnx"
-    with attention_implementation("explicit"), warnings.catch_warnings(), _quiet():
+    with attention_implementation(spec.module, "explicit"), warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             spec.module, spec.args(sample), dynamo=True, dynamic_shapes=spec.dynamic_shapes(max_sizes),

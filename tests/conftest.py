@@ -9,6 +9,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in its interpreter; set before importing it
 
 from benchmarks.reference import diffusers_pipeline, random_reference  # noqa: E402
 from engine import preset  # noqa: E402

@@ -26,7 +26,7 @@ def bench_run(tmp_path_factory):
 def test_json_records_hold_provenance_workload_and_results(bench_run):
     records = json.loads((bench_run / "out.json").read_text())["records"]
     assert [(r["workload"]["target"], r["workload"]["batch"]) for r in records] == [
-        ("engine", 1), ("diffusers", 1), ("engine", 2), ("diffusers", 2)]
+        ("torch", 1), ("diffusers", 1), ("torch", 2), ("diffusers", 2)]
     for record in records:
         origin, workload, results = record["provenance"], record["workload"], record["results"]
         assert set(origin) >= {"date", "device", "driver", "cuda", "versions", "git_commit"}
@@ -50,7 +50,7 @@ def test_json_records_hold_provenance_workload_and_results(bench_run):
         assert results["peak_memory_gb"] is None  # no device memory on a CPU
         assert results["tflops"] > 0 and 0 < results["fraction_of_matmul_peak"]
         assert record["matmul_peak_tflops"] > 0 and record["flops"]["request"]["total"] > 0
-        other = "diffusers" if workload["target"] == "engine" else "engine"
+        other = "diffusers" if workload["target"] == "torch" else "torch"
         assert results["speedup_vs"][other] > 0
     assert all(r["results"]["cold_start_s"] > 0 for r in records[:2])  # at the first size and batch only
     assert "cold_start_s" not in records[2]["results"]
@@ -60,7 +60,7 @@ def test_json_records_hold_provenance_workload_and_results(bench_run):
 
 def test_csv_rows_and_plot(bench_run, capsys):
     rows = list(csv.DictReader(open(bench_run / "rows.csv")))
-    assert [row["target"] for row in rows] == ["engine", "diffusers", "engine", "diffusers"]
+    assert [row["target"] for row in rows] == ["torch", "diffusers", "torch", "diffusers"]
     assert float(rows[0]["latency_median_s"]) > 0 and rows[0]["device"].startswith("CPU")
     assert (bench_run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -76,7 +76,7 @@ def test_table_on_stdout(tmp_path, capsys):
     assert main(["bench", *TINY, "--no-cold-start"]) == 0
     out = capsys.readouterr().out
     assert "prior 3 evaluations (guidance 4), decoder 2 steps (guidance 0)" in out
-    assert "128×128" in out and "engine" in out and "TFLOP/s" in out
+    assert "128×128" in out and "torch" in out and "TFLOP/s" in out
 
 
 def test_bench_runs_a_bundle_on_onnxruntime(tiny_bundle, tmp_path):
@@ -105,3 +105,15 @@ def test_bad_arguments_are_one_line(capsys, args, message):
     assert main(["bench", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("wuerstchen bench: error: ") and message in err
+
+
+def test_several_backends_in_one_run(tmp_path):
+    """torch and torch-fast side by side; torch-fast replays whole steps, so its step times are each loop's
+    time shared among its steps."""
+    argv = ["bench", *TINY, "--backend", "torch", "torch-fast", "--no-cold-start", "--json", str(tmp_path / "o.json")]
+    assert main(argv) == 0
+    records = json.loads((tmp_path / "o.json").read_text())["records"]
+    assert [r["workload"]["target"] for r in records] == ["torch", "torch-fast"]
+    fast = records[1]["results"]["stages_ms"]
+    assert fast["prior_step"]["calls_per_run"] == 3 and fast["decoder_step"]["calls_per_run"] == 2
+    assert records[1]["results"]["speedup_vs"]["torch"] > 0

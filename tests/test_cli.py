@@ -30,7 +30,7 @@ def test_demo_writes_a_png_with_its_settings(tmp_path, capsys):
     assert image.text["prompt"] == "a cat" and image.text["negative_prompt"] == "dog" and image.text["seed"] == "5"
     settings = json.loads(image.text["settings"])
     assert settings["height"] == 128 and settings["width"] == 256 and settings["prior_num_inference_steps"] == 2
-    assert settings["dtype"] == "fp32" and settings["model"] == "tiny demo (random weights)"
+    assert settings["dtype"] == "fp32" and settings["model"] == "tiny demo (random weights) on torch"
 
 
 def test_same_seed_same_bytes_other_seed_other_image(tmp_path):
@@ -131,7 +131,8 @@ def test_export_the_demo_verify_it_and_generate_from_it(tmp_path, capsys):
     (["--bundle", "b", "--prior", "p", "--decoder", "d"], "--bundle given with --prior/--decoder"),
     (["--backend", "onnxruntime"], "--backend onnxruntime runs a --bundle: make one with `wuerstchen export`"),
     (["--bundle", "b", "--backend", "torch"], "--backend torch cannot run a --bundle: expected onnxruntime"),
-    (["--backend", "tensorrt-llm"], "backend='tensorrt-llm' is unknown: expected one of torch, onnxruntime"),
+    (["--backend", "tensorrt-llm"], "backend='tensorrt-llm' is unknown: expected one of torch, torch-fast, "
+                                    "torch-compile, onnxruntime"),
     (["--bundle", "/no/such/bundle"], "bundle='/no/such/bundle': folder does not exist"),
 ])
 def test_model_source_errors_are_one_line(tmp_path, capsys, args, message):

@@ -8,7 +8,7 @@ from diffusers import DDPMWuerstchenScheduler
 
 from engine import DEFAULT_PRIOR_TIMESTEPS
 from engine.config import ScheduleConfig
-from engine.schedule import draw_denoising_noise, draw_noise, make_schedule, timestep_grid
+from engine.schedule import draw_denoising_noise, draw_noise, make_schedule, sampler_step, timestep_grid
 
 CPU = torch.device("cpu")
 
@@ -51,7 +51,7 @@ def test_schedule_matches_diffusers_step_by_step(dtype, timesteps, config):
         assert torch.equal(schedule.ratios[i].expand(2), ratio)
         eps = torch.randn(x.shape, generator=inputs).to(dtype)
         expected = reference.step(eps, ratio, x, generator=reference_noise).prev_sample
-        actual = schedule.step(i, x, eps, draw_noise(x.shape, our_noise, CPU, dtype))
+        actual = sampler_step(schedule.coefficients[i], x, eps, draw_noise(x.shape, our_noise, CPU, dtype))
         assert actual.dtype == dtype
         assert torch.equal(actual, expected), f"step {i}: max diff {(actual - expected).abs().max()}"
         x = expected

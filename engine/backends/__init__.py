@@ -9,7 +9,9 @@ from engine.errors import WuerstchenError
 
 
 class Backend(str, Enum):
-    TORCH = "torch"  # the PyTorch modules, from diffusers folders or a preset
+    TORCH = "torch"  # the PyTorch modules, from diffusers folders or a preset, eagerly
+    TORCH_FAST = "torch-fast"  # the same with Triton attention and every denoising step as one CUDA graph
+    TORCH_COMPILE = "torch-compile"  # torch-fast, with the prior and the decoder under torch.compile
     ONNXRUNTIME = "onnxruntime"  # the graphs of a bundle, in ONNX Runtime
 
     @classmethod

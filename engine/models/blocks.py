@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.errors import WuerstchenError
+
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) and k, v (B, heads, Nk, d), by PyTorch's fused kernels."""
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -29,28 +33,44 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
-ATTENTION = {"sdpa": sdpa_attention, "explicit": explicit_attention}
-_attention = sdpa_attention
+ATTENTION = ("sdpa", "explicit", "triton")
+
+
+def attention_function(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """An attention implementation by name: "sdpa" (PyTorch's fused kernels, the default), "explicit" (the
+    exported form) or "triton" (this project's kernel, `kernels.attention`)."""
+    if name == "sdpa":
+        return sdpa_attention
+    if name == "explicit":
+        return explicit_attention
+    if name == "triton":
+        try:
+            from kernels.attention import attention
+        except ImportError as error:
+            raise WuerstchenError(f"attention='triton' needs Triton ({error.name} is missing): pip install triton") \
+                from None
+        return attention
+    raise WuerstchenError(f"attention={name!r} is unknown: expected one of {', '.join(ATTENTION)}")
+
+
+def use_attention(module: nn.Module, name: str) -> None:
+    """Make every attention block inside `module` use the implementation `name` (see `attention_function`)."""
+    function = attention_function(name)
+    for block in module.modules():
+        if isinstance(block, AttnBlock):
+            block.attention = function
 
 
 @contextlib.contextmanager
-def attention_implementation(name: str):
-    """Run the models with another attention implementation (a name of `ATTENTION`) inside the block."""
-    global _attention
-    previous, _attention = _attention, ATTENTION[name]
+def attention_implementation(module: nn.Module, name: str):
+    """`use_attention` for the duration of the block, then the implementations as they were."""
+    previous = {block: block.attention for block in module.modules() if isinstance(block, AttnBlock)}
+    use_attention(module, name)
     try:
         yield
     finally:
-        _attention = previous
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) and k, v (B, heads, Nk, d).
-
-    Every attention in the models goes through this one function, so that another implementation (a
-    Triton kernel, the exported form) can replace it; see `attention_implementation`.
-    """
-    return _attention(q, k, v)
+        for block, function in previous.items():
+            block.attention = function
 
 
 def timestep_embedding(r: torch.Tensor, width: int, max_positions: int = 10000) -> torch.Tensor:
@@ -142,6 +162,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, c_cond: int, nhead: int):
         super().__init__()
         self.nhead = nhead
+        self.attention = sdpa_attention  # softmax(q kᵀ / √d) v over heads; see `use_attention`
         self.norm = LayerNorm2d()
         self.kv_mapper = nn.Linear(c_cond, channels)  # applied after a SiLU
         self.qkv = nn.Linear(channels, 3 * channels)  # diffusers' to_q, to_k, to_v, stacked
@@ -161,6 +182,6 @@ class AttnBlock(nn.Module):
         k = torch.cat([k, text_k], dim=1)
         v = torch.cat([v, text_v], dim=1)
         heads = [t.unflatten(-1, (self.nhead, -1)).transpose(1, 2) for t in (q, k, v)]
-        o = attention(*heads).transpose(1, 2).flatten(2)
+        o = self.attention(*heads).transpose(1, 2).flatten(2)
         o = self.out(o)
         return x + o.transpose(1, 2).reshape(batch, channels, height, width)

@@ -1,0 +1,131 @@
+"""Flash attention, forward only, for Würstchen's attention blocks.
+
+Every attention block of the prior and the decoder attends from the image tokens (Nq = h·w) to the image
+tokens followed by the 77 text tokens (Nk = Nq + 77), with head dim 64. Neither length is a multiple of
+a block, so the kernel masks both edges. Softmax is online (one pass over the keys) in fp32, with the
+1/√d scale folded into a base-2 exponent.
+
+`attention` is registered as the PyTorch custom op `wuerstchen::attention`, opaque to `torch.compile`
+(fullgraph) and `torch.export`. (`torch.library.triton_op` would let inductor see inside, but it does not
+recognise kernels run by Triton's CPU interpreter, which is how the tests run this kernel.)
+`attention_ref` is the same computation in PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (16, 32, 64, 128)  # Würstchen's is 64; the tiny test models' 16
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _attention_forward(
+    Q, K, V, Out,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    heads, queries, keys, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # One program: BLOCK_M queries of one (batch, head), over every key block.
+    block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch, head = batch_head // heads, batch_head % heads
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qn + dims[None, :],
+                mask=rows[:, None] < queries, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + batch * stride_kb + head * stride_kh
+    v_base = V + batch * stride_vb + head * stride_vh
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start in range(0, keys, BLOCK_N):
+        key = start + cols
+        k = tl.load(k_base + key[None, :] * stride_kn + dims[:, None], mask=key[None, :] < keys, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        scores = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+        scores = tl.where(key[None, :] < keys, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        p = tl.math.exp2(scores - new_max[:, None])
+        rescale = tl.math.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        v = tl.load(v_base + key[:, None] * stride_vn + dims[None, :], mask=key[:, None] < keys, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+    out = acc / row_sum[:, None]
+    tl.store(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_on + dims[None, :],
+             out.to(Out.dtype.element_ty), mask=rows[:, None] < queries)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The kernel's envelope: 4-D (B, heads, N, d) tensors, d in `HEAD_DIMS`, of one dtype of `DTYPES` on one
+    device, with keys and values of one shape."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: expected 4-D (batch, heads, tokens, head dim) tensors, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[-1] not in HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"attention: head dims {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]} are outside this "
+                         f"kernel's envelope: expected one of {HEAD_DIMS} for all three")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        raise ValueError(f"attention: dtypes {q.dtype}, {k.dtype}, {v.dtype}: expected one of {DTYPES} for all three")
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2]:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected the same "
+                         "batch and heads, and keys and values of one shape")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: tensors on {q.device}, {k.device}, {v.device}: expected one device")
+
+
+@torch.library.custom_op("wuerstchen::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) and k, v (B, heads, Nk, d): any Nq and Nk, d in 16, 32,
+    64 (Würstchen's) or 128, in fp16, bf16 or fp32. Returns (B, heads, Nq, d) in q's dtype; raises ValueError
+    outside that envelope."""
+    _check(q, k, v)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, heads, queries, head_dim = q.shape
+    keys = k.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # Triton's CPU interpreter multiplies bf16 tiles wrongly (NumPy has no bf16): there, products take fp32.
+    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    # fp32 inputs keep fp32 products (IEEE); TF32 would cost the accuracy fp32 is asked for.
+    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+    block_m, block_n = (64, 64) if q.dtype != torch.float32 else (32, 32)
+    grid = (triton.cdiv(queries, block_m), batch * heads)
+    _attention_forward[grid](
+        q, k, v, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        heads, queries, keys, head_dim**-0.5 * 1.4426950408889634,  # log2(e): exp(x) = exp2(x·log2 e)
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, UPCAST=upcast,
+    )
+    return out
+
+
+@attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    _check(q, k, v)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The same attention in PyTorch: scores and softmax in fp32 (fp64 for fp64 inputs), output in q's dtype."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return (scores.softmax(dim=-1) @ v.to(compute)).to(q.dtype)

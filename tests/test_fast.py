@@ -1,0 +1,145 @@
+"""The first fast path: the Triton attention kernel (in Triton's interpreter on a CPU), the CUDA-graph step
+cache, and the torch-fast backend's images against the reference path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import WuerstchenError, WuerstchenPipeline
+from engine.backends import Backend
+from engine.denoise import StepGraphs
+from kernels.attention import attention, attention_ref
+
+# Würstchen's attention at a 23×31 latent: 713 image queries, 713 + 77 keys.
+SHAPES = [(1, 2, 713, 790, 64), (2, 3, 713, 790, 64), (2, 2, 5, 82, 16), (1, 1, 64, 141, 32)]
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def _inputs(batch, heads, queries, keys, head_dim, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, n, head_dim, generator=generator) for n in (queries, keys, keys)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_the_fp64_reference(shape, dtype):
+    """flash-attention's rule: the kernel's error against fp64 is at most twice PyTorch's own error in the
+    same dtype, plus a small atol."""
+    q, k, v = _inputs(*shape)
+    exact = attention_ref(q.double(), k.double(), v.double())
+    low = [t.to(dtype) for t in (q, k, v)]
+    out = attention(*low)
+    assert out.shape == q.shape and out.dtype == dtype
+    kernel_error = (out.double() - exact).abs().max().item()
+    torch_error = (torch.nn.functional.scaled_dot_product_attention(*low).double() - exact).abs().max().item()
+    assert kernel_error <= 2 * torch_error + ATOL[dtype], (kernel_error, torch_error)
+
+
+def test_kernel_takes_strided_views_as_the_attention_block_makes_them():
+    qkv = torch.randn(2, 100, 3 * 128)  # (B, N, 3C) of one fused projection, C = 2 heads × 64
+    q, k, v = (t.unflatten(-1, (2, 64)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    assert not q.is_contiguous()
+    assert torch.allclose(attention(q, k, v), attention_ref(q, k, v), atol=1e-5)
+
+
+@pytest.mark.parametrize("q_shape, k_shape, dtypes, message", [
+    ((1, 2, 10, 96), (1, 2, 20, 96), (torch.float32,) * 3, r"head dims 96, 96, 96 are outside this kernel's envelope"),
+    ((1, 2, 10, 64), (1, 2, 20, 64), (torch.float32, torch.float16, torch.float16), r"dtypes .* expected one of"),
+    ((2, 10, 64), (2, 20, 64), (torch.float32,) * 3, r"expected 4-D \(batch, heads, tokens, head dim\) tensors"),
+    ((1, 2, 10, 64), (1, 3, 20, 64), (torch.float32,) * 3, r"expected the same batch and heads"),
+    ((1, 2, 10, 64), (1, 2, 20, 64), (torch.float64,) * 3, r"dtypes .* expected one of"),
+])
+def test_kernel_refuses_what_it_does_not_cover(q_shape, k_shape, dtypes, message):
+    q, k, v = torch.randn(q_shape, dtype=dtypes[0]), torch.randn(k_shape, dtype=dtypes[1]), torch.randn(
+        k_shape, dtype=dtypes[2])
+    with pytest.raises(ValueError, match=message):
+        attention(q, k, v)
+
+
+def test_custom_op_traces_whole_under_compile_and_export():
+    q, k, v = _inputs(2, 2, 37, 114, 64)
+
+    def block(q, k, v):
+        return attention(q * 2, k, v).sum(dim=-1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(q, k, v), block(q, k, v))
+
+    class Block(torch.nn.Module):
+        def forward(self, q, k, v):
+            return block(q, k, v)
+
+    program = torch.export.export(Block(), (q, k, v))
+    assert "torch.ops.wuerstchen.attention.default" in program.graph_module.code
+    assert torch.allclose(program.module()(q, k, v), block(q, k, v))
+
+
+def test_models_compile_whole_without_recompiling_across_sizes(tiny_pipeline):
+    """The prior, with the kernel inside, is one graph for every latent size (dynamic shapes, no recompile)."""
+    from engine.models.blocks import attention_implementation
+
+    prior = tiny_pipeline.prior
+    with attention_implementation(prior, "triton"), torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = torch.compile(prior, fullgraph=True, dynamic=True, backend="aot_eager")
+        for batch, h, w in ((2, 6, 9), (3, 12, 5)):
+            x, r = torch.randn(batch, 16, h, w), torch.rand(batch)
+            kv = prior.condition(torch.randn(batch, 77, 32))
+            assert torch.allclose(compiled(x, r, kv), prior(x, r, kv), atol=1e-4)
+    torch._dynamo.reset()
+
+
+class _Built:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_step_graph_cache_keeps_the_most_recent_and_evicts_the_oldest():
+    graphs = StepGraphs(capacity=2)
+    built = []
+
+    def build(name):
+        def make():
+            built.append(name)
+            return _Built(name)
+        return make
+
+    assert graphs.get("a", build("a")).name == "a"
+    assert graphs.get("b", build("b")).name == "b"
+    assert graphs.get("a", build("a again")).name == "a"  # a hit: not rebuilt, now the most recent
+    assert graphs.get("c", build("c")).name == "c"  # evicts b, the least recently used
+    assert graphs.keys() == ["a", "c"] and built == ["a", "b", "c"]
+    assert graphs.get("b", build("b")).name == "b" and graphs.keys() == ["c", "b"]
+    with pytest.raises(ValueError, match="capacity=0: expected at least 1"):
+        StepGraphs(capacity=0)
+
+
+def test_step_graph_keys_separate_everything_a_graph_depends_on():
+    x, kv = torch.zeros(2, 16, 6, 9), (torch.zeros(4, 77, 64),)
+    key = StepGraphs.key("prior", 4.0, x, kv)
+    assert key == ("prior", 4.0, (2, 16, 6, 9), torch.float32, torch.device("cpu"), (((4, 77, 64), torch.float32),))
+    others = [StepGraphs.key("decoder", 4.0, x, kv), StepGraphs.key("prior", 3.0, x, kv),
+              StepGraphs.key("prior", 4.0, x[:1], kv), StepGraphs.key("prior", 4.0, x.half(), kv),
+              StepGraphs.key("prior", 4.0, x, (kv[0][:2],))]
+    assert len({key, *others}) == 6
+
+
+def test_fast_backend_makes_the_reference_images(tiny_folders, tiny_pipeline):
+    fast = WuerstchenPipeline.from_pretrained(*tiny_folders, device="cpu", dtype=torch.float32, backend="torch-fast")
+    fast.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a cat", negative_prompt="dog", height=256, width=128, prior_num_inference_steps=3,
+                  num_inference_steps=2, decoder_guidance_scale=2.0, num_images_per_prompt=2, output_type="np")
+    expected = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    for seed_offset in (0, 0, 1):  # the second call replays the cached steps; the third sees new noise
+        actual = fast(**kwargs, generator=torch.Generator().manual_seed(seed_offset)).images
+        if seed_offset == 0:
+            assert np.abs(actual - expected).max() <= 2e-3
+    assert np.abs(actual - expected).max() > 1e-2
+    assert [key[0] for key in fast.step_graphs.keys()] == ["prior", "decoder"]
+
+
+def test_backend_names_are_listed_when_wrong():
+    with pytest.raises(WuerstchenError, match=r"^backend='fast' is unknown: expected one of torch, torch-fast, "
+                                              r"torch-compile, onnxruntime$"):
+        Backend.parse("fast")
