@@ -63,15 +63,16 @@ class StepGraph:
         self.inputs = (x.clone(), r.clone(), coefficients.clone(), noise.clone())
         self.graph = None
         if x.device.type == "cuda":
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                for _ in range(self.WARMUP):
-                    self.step(self.conditioning, *self.inputs)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                self.output = self.step(self.conditioning, *self.inputs)
+            with torch.cuda.device(x.device):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(self.WARMUP):
+                        self.step(self.conditioning, *self.inputs)
+                torch.cuda.current_stream().wait_stream(side)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, pool=pool):
+                    self.output = self.step(self.conditioning, *self.inputs)
 
     def load_conditioning(self, conditioning: tuple[torch.Tensor, ...]) -> None:
         """Copy a request's conditioning into the static buffers (once per request, not per step)."""

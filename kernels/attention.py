@@ -88,6 +88,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          "batch and heads, and keys and values of one shape")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: tensors on {q.device}, {k.device}, {v.device}: expected one device")
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention: tensors on {q.device}: the kernel runs on a CUDA GPU, or on the CPU in "
+                         "Triton's interpreter (TRITON_INTERPRET=1)")
 
 
 @torch.library.custom_op("wuerstchen::attention", mutates_args=())

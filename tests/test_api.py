@@ -70,7 +70,8 @@ def test_a_bad_request_does_not_break_the_next_good_one(tiny_pipeline):
 
 
 def test_device_and_dtype_choices():
-    assert resolve_device(None) == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16

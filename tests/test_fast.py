@@ -3,6 +3,8 @@ cache, and the torch-fast backend's images against the reference path."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,8 @@ from engine.backends import Backend
 from engine.denoise import StepGraphs
 from kernels.attention import attention, attention_ref
 
+# On a GPU everything runs there (CUDA graphs, compiled kernels); on a CPU, in Triton's interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Würstchen's attention at a 23×31 latent: 713 image queries, 713 + 77 keys.
 SHAPES = [(1, 2, 713, 790, 64), (2, 3, 713, 790, 64), (2, 2, 5, 82, 16), (1, 1, 64, 141, 32)]
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -19,7 +23,7 @@ ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 def _inputs(batch, heads, queries, keys, head_dim, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, n, head_dim, generator=generator) for n in (queries, keys, keys)]
+    return [torch.randn(batch, heads, n, head_dim, generator=generator).to(DEVICE) for n in (queries, keys, keys)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
@@ -38,7 +42,7 @@ def test_kernel_matches_the_fp64_reference(shape, dtype):
 
 
 def test_kernel_takes_strided_views_as_the_attention_block_makes_them():
-    qkv = torch.randn(2, 100, 3 * 128)  # (B, N, 3C) of one fused projection, C = 2 heads × 64
+    qkv = torch.randn(2, 100, 3 * 128, device=DEVICE)  # (B, N, 3C) of one fused projection, C = 2 heads × 64
     q, k, v = (t.unflatten(-1, (2, 64)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
     assert not q.is_contiguous()
     assert torch.allclose(attention(q, k, v), attention_ref(q, k, v), atol=1e-5)
@@ -52,8 +56,8 @@ def test_kernel_takes_strided_views_as_the_attention_block_makes_them():
     ((1, 2, 10, 64), (1, 2, 20, 64), (torch.float64,) * 3, r"dtypes .* expected one of"),
 ])
 def test_kernel_refuses_what_it_does_not_cover(q_shape, k_shape, dtypes, message):
-    q, k, v = torch.randn(q_shape, dtype=dtypes[0]), torch.randn(k_shape, dtype=dtypes[1]), torch.randn(
-        k_shape, dtype=dtypes[2])
+    q, k, v = (torch.randn(shape, dtype=dtype, device=DEVICE) for shape, dtype in zip(
+        (q_shape, k_shape, k_shape), dtypes, strict=True))
     with pytest.raises(ValueError, match=message):
         attention(q, k, v)
 
@@ -80,12 +84,12 @@ def test_models_compile_whole_without_recompiling_across_sizes(tiny_pipeline):
     """The prior, with the kernel inside, is one graph for every latent size (dynamic shapes, no recompile)."""
     from engine.models.blocks import attention_implementation
 
-    prior = tiny_pipeline.prior
+    prior = copy.deepcopy(tiny_pipeline.prior).to(DEVICE)
     with attention_implementation(prior, "triton"), torch._dynamo.config.patch(error_on_recompile=True):
         compiled = torch.compile(prior, fullgraph=True, dynamic=True, backend="aot_eager")
         for batch, h, w in ((2, 6, 9), (3, 12, 5)):
-            x, r = torch.randn(batch, 16, h, w), torch.rand(batch)
-            kv = prior.condition(torch.randn(batch, 77, 32))
+            x, r = torch.randn(batch, 16, h, w, device=DEVICE), torch.rand(batch, device=DEVICE)
+            kv = prior.condition(torch.randn(batch, 77, 32, device=DEVICE))
             assert torch.allclose(compiled(x, r, kv), prior(x, r, kv), atol=1e-4)
     torch._dynamo.reset()
 
@@ -125,12 +129,15 @@ def test_step_graph_keys_separate_everything_a_graph_depends_on():
     assert len({key, *others}) == 6
 
 
-def test_fast_backend_makes_the_reference_images(tiny_folders, tiny_pipeline):
-    fast = WuerstchenPipeline.from_pretrained(*tiny_folders, device="cpu", dtype=torch.float32, backend="torch-fast")
-    fast.set_progress_bar_config(disable=True)
+def test_fast_backend_makes_the_reference_images(tiny_folders):
+    """On a GPU the steps are real CUDA graph replays; on a CPU they run eagerly on the same static buffers."""
+    reference = WuerstchenPipeline.from_pretrained(*tiny_folders, device=DEVICE, dtype=torch.float32)
+    fast = WuerstchenPipeline.from_pretrained(*tiny_folders, device=DEVICE, dtype=torch.float32, backend="torch-fast")
+    for pipe in (reference, fast):
+        pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt="a cat", negative_prompt="dog", height=256, width=128, prior_num_inference_steps=3,
                   num_inference_steps=2, decoder_guidance_scale=2.0, num_images_per_prompt=2, output_type="np")
-    expected = tiny_pipeline(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    expected = reference(**kwargs, generator=torch.Generator().manual_seed(0)).images
     for seed_offset in (0, 0, 1):  # the second call replays the cached steps; the third sees new noise
         actual = fast(**kwargs, generator=torch.Generator().manual_seed(seed_offset)).images
         if seed_offset == 0:
