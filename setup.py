@@ -25,10 +25,11 @@ setup(
     extras_require={
         # diffusers is the numerical oracle of the tests, never a runtime dependency.
         "test": ["pytest>=8", "diffusers==0.42.1", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18",
-                 "polygraphy>=0.49", "triton>=3.2", "matplotlib>=3.7"],
+                 "polygraphy>=0.49", "onnx-graphsurgeon>=0.6", "triton>=3.2", "matplotlib>=3.7"],
         "bench": ["diffusers==0.42.1", "matplotlib>=3.7"],
-        "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18", "polygraphy>=0.49"],
-        "tensorrt": ["tensorrt>=10", "polygraphy>=0.49"],
+        "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18", "polygraphy>=0.49", "onnx-graphsurgeon>=0.6"],
+        # tensorrt comes from NVIDIA's index (https://pypi.nvidia.com); polygraphy 0.53 reads TensorRT 11 plans.
+        "tensorrt": ["tensorrt>=10.1", "polygraphy>=0.53"],
         "gpu": ["onnxruntime-gpu>=1.18"],
     },
     entry_points={"console_scripts": ["wuerstchen=engine.cli:main"]},

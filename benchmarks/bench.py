@@ -93,7 +93,8 @@ def build_engine(options: Options, backend: Backend):
     source = options.source
     if source.bundle:
         providers = ["CPUExecutionProvider"] if options.device.type == "cpu" else None
-        pipe = WuerstchenPipeline.from_bundle(source.bundle, backend, providers=providers)
+        pipe = WuerstchenPipeline.from_bundle(source.bundle, backend, providers=providers,
+                                              precision=DTYPE_NAMES[options.dtype])
     elif source.prior:
         pipe = WuerstchenPipeline.from_pretrained(source.prior, source.decoder, options.device, options.dtype,
                                                   backend=backend)
@@ -182,8 +183,7 @@ def _targets(options: Options) -> dict:
         engines, reference = build_diffusers(options)
     else:
         engines = {backend: build_engine(options, backend) for backend in options.backends}
-    targets = {backend.value: (engine, lambda timer, engine=engine: instrument_engine(engine, timer),
-                               contextlib.nullcontext) for backend, engine in engines.items()}
+    targets = {backend.value: engine_target(engine) for backend, engine in engines.items()}
     if "diffusers" in options.baselines:
         targets["diffusers"] = (reference, lambda timer: instrument_diffusers(reference, timer),
                                 contextlib.nullcontext)
@@ -208,9 +208,15 @@ def _measure_target(pipe, instrument, setup, call: dict, options: Options, batch
     return found.summary(batch) | {"first_call_s": first_call_s}
 
 
-def run(options: Options, progress=print) -> list[dict]:
-    """Measure every target at every (size, batch); one record each, with provenance and workload."""
-    targets = _targets(options)
+def engine_target(pipe) -> tuple:
+    """A target entry for one of this engine's pipelines (see `_targets`)."""
+    return pipe, lambda timer: instrument_engine(pipe, timer), contextlib.nullcontext
+
+
+def run(options: Options, progress=print, targets: dict | None = None) -> list[dict]:
+    """Measure every target at every (size, batch); one record each, with provenance and workload. The
+    targets are built from `options` unless given (name → `engine_target(pipe)` or the like)."""
+    targets = targets or _targets(options)
     config = next(iter(targets.values()))[0].config
     peak = matmul_peak_tflops(options.device, options.dtype)
     origin = provenance(options.device)
@@ -288,9 +294,9 @@ def options_from_args(args) -> Options:
     backends = tuple(dict.fromkeys(Backend.parse(b) for b in args.backend or
                                    [Backend.ONNXRUNTIME if args.bundle else Backend.TORCH]))
     for backend in backends:
-        if (backend is Backend.ONNXRUNTIME) != bool(args.bundle):
-            raise WuerstchenError(f"--backend {backend.value}: onnxruntime runs a --bundle, the torch backends run a "
-                                  "preset or folders")
+        if backend.runs_bundles != bool(args.bundle):
+            raise WuerstchenError(f"--backend {backend.value}: onnxruntime and tensorrt run a --bundle, the torch "
+                                  "backends a preset or folders")
     if args.bundle and args.baseline:
         raise WuerstchenError("--baseline needs the weights: pass --preset or --prior/--decoder, not --bundle")
     if source.bundle:

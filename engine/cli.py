@@ -71,18 +71,24 @@ def _model(args: argparse.Namespace):
     if args.bundle is not None:
         if args.prior or args.decoder:
             raise WuerstchenError("--bundle given with --prior/--decoder: pass one model source")
-        if backend is not Backend.ONNXRUNTIME:
-            raise WuerstchenError(f"--backend {backend.value} cannot run a --bundle: expected onnxruntime")
+        if not backend.runs_bundles:
+            raise WuerstchenError(f"--backend {backend.value} cannot run a --bundle: expected onnxruntime or "
+                                  "tensorrt")
+        config = open_bundle(args.bundle, check_hashes=False).config
+        if backend is Backend.TENSORRT:
+            precision = {"auto": "bf16", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
+                args.dtype, args.dtype)
+            return (config, lambda: WuerstchenPipeline.from_bundle(args.bundle, backend, precision=precision),
+                    f"bundle {args.bundle} on tensorrt {precision}")
         if args.dtype != "auto":
-            raise WuerstchenError(f"--dtype {args.dtype}: a bundle runs in the dtype it was exported in")
+            raise WuerstchenError(f"--dtype {args.dtype}: ONNX Runtime runs a bundle in the dtype it was exported in")
         device = resolve_device(args.device)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
         if args.device == "cpu":
             providers = ["CPUExecutionProvider"]
-        return (open_bundle(args.bundle, check_hashes=False).config,
-                lambda: WuerstchenPipeline.from_bundle(args.bundle, backend, providers=providers),
+        return (config, lambda: WuerstchenPipeline.from_bundle(args.bundle, backend, providers=providers),
                 f"bundle {args.bundle} on {backend.value}")
-    if backend is Backend.ONNXRUNTIME:
+    if backend.runs_bundles:
         raise WuerstchenError(f"--backend {backend.value} runs a --bundle: make one with `wuerstchen export`")
     if (args.prior is None) != (args.decoder is None):
         given, missing = ("--prior", "--decoder") if args.prior else ("--decoder", "--prior")
@@ -202,6 +208,12 @@ def export(args: argparse.Namespace) -> int:
     return 0 if all(error <= tolerance for error in worst.values()) else 1
 
 
+def _build(args: argparse.Namespace) -> int:
+    from export.tensorrt import build_command
+
+    return build_command(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from benchmarks.bench import command
 
@@ -223,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--variant", metavar="NAME", help="weight file variant to read, e.g. fp16")
     gen.add_argument("--bundle", metavar="DIR", help="an exported bundle (wuerstchen export) to run instead")
     gen.add_argument("--backend", help="torch (default), torch-fast (Triton attention, CUDA-graph steps) or "
-                                       "torch-compile for folders and the demo; onnxruntime for a --bundle")
+                                       "torch-compile for folders and the demo; onnxruntime (default) or tensorrt "
+                                       "for a --bundle")
     gen.add_argument("--negative-prompt", help="what the image should not show (used by every guided stage)")
     gen.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 128 (default 1024)")
     gen.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 128 (default 1024)")
@@ -253,6 +266,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compare every graph in ONNX Runtime with PyTorch at several sizes and batch sizes")
     exp.set_defaults(run=export)
 
+    build = commands.add_parser(
+        "build", help="build TensorRT engines from a bundle (GPU and TensorRT needed; --check needs neither)",
+        description="Build one TensorRT engine per graph of a bundle, with resolution buckets as optimization "
+                    "profiles, into a cache keyed by everything a plan depends on. --check prints the engines, "
+                    "profiles and cache keys without building.")
+    build.add_argument("bundle", metavar="BUNDLE", help="a bundle folder written by `wuerstchen export`")
+    build.add_argument("--precision", default="bf16", help="bf16 (default), fp16 or fp32")
+    build.add_argument("--check", action="store_true", help="print what would be built, and build nothing")
+    build.add_argument("--cache", metavar="DIR", help="the engine cache (default BUNDLE/engines)")
+    build.add_argument("--max-batch", type=int, default=4, help="images per call the engines accept (default 4)")
+    build.add_argument("--static", type=int, nargs="*", default=[], metavar="SIZE",
+                       help="also a static profile per square size, for CUDA graphs (e.g. 1024)")
+    build.add_argument("--static-batch", type=int, default=1, help="batch of the static profiles (default 1)")
+    build.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5 "
+                                                                "(default 3)")
+    build.add_argument("--workspace-gb", type=float, default=8.0, help="workspace limit in GiB (default 8)")
+    build.add_argument("--tactic-dram-gb", type=float, help="limit on tactic memory during the build, GiB")
+    build.add_argument("--timing-cache", metavar="FILE", help="a timing cache to read and extend")
+    build.set_defaults(run=lambda args: _build(args))
+
     bench = commands.add_parser(
         "bench", help="measure latency, throughput and efficiency, optionally against diffusers",
         description="Measure end-to-end latency, per-stage times, throughput, peak memory, cold start and "
@@ -262,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
     bench.add_argument("--bundle", metavar="DIR", help="an exported bundle, run with --backend onnxruntime")
     bench.add_argument("--backend", nargs="+", metavar="NAME",
-                       help="one or more of torch (default), torch-fast, torch-compile; onnxruntime with --bundle")
+                       help="one or more of torch (default), torch-fast, torch-compile; onnxruntime or tensorrt "
+                            "with --bundle")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     bench.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
     bench.add_argument("--sizes", nargs="+", default=["1024"], metavar="SIZE",

@@ -241,8 +241,8 @@ class WuerstchenPipeline:
         kernel and every denoising step as one CUDA graph; `torch-compile` also compiles the prior and the
         decoder with torch.compile."""
         backend = Backend.parse(backend)
-        if backend is Backend.ONNXRUNTIME:
-            raise WuerstchenError("backend='onnxruntime' runs a bundle: use WuerstchenPipeline.from_bundle")
+        if backend.runs_bundles:
+            raise WuerstchenError(f"backend={backend.value!r} runs a bundle: use WuerstchenPipeline.from_bundle")
         if backend is Backend.TORCH:
             return self
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -321,20 +321,32 @@ class WuerstchenPipeline:
         backend: str = "onnxruntime",
         providers: Sequence[str] | None = None,
         check_hashes: bool = True,
+        precision: str = "bf16",
+        engines: str | Path | None = None,
+        cuda_graphs: bool = False,
     ) -> WuerstchenPipeline:
-        """Run an exported bundle (`wuerstchen export`). `providers` are ONNX Runtime's execution providers
-        (default: CUDA when present, else the CPU). The manifest is checked first: format version, every
-        file present and, unless `check_hashes` is off, unaltered. Requests outside the bundle's size
-        range are refused."""
-        backend = Backend.parse(backend)
-        if backend is not Backend.ONNXRUNTIME:
-            raise WuerstchenError(f"backend={backend.value!r} cannot run a bundle: expected onnxruntime "
-                                  "(the torch backend loads diffusers folders with from_pretrained)")
-        opened = open_bundle(bundle, check_hashes=check_hashes)
-        from engine.backends.onnxruntime import load_stages
+        """Run an exported bundle (`wuerstchen export`) on ONNX Runtime or TensorRT.
 
-        stages, device = load_stages(opened, providers)
-        pipe = cls(config=opened.config, **stages, device=device, dtype=opened.dtype)
+        The manifest is checked first: format version, every file present and, unless `check_hashes` is
+        off, unaltered; requests outside the bundle's size range are refused. ONNX Runtime: `providers` are
+        its execution providers (default: CUDA when present, else the CPU). TensorRT: engines of
+        `precision` ("bf16", "fp16" or "fp32") come from the cache folder `engines` (default BUNDLE/engines),
+        built there first when missing; `cuda_graphs` replays each engine call as a CUDA graph."""
+        backend = Backend.parse(backend)
+        if not backend.runs_bundles:
+            raise WuerstchenError(f"backend={backend.value!r} cannot run a bundle: expected onnxruntime or tensorrt "
+                                  "(the torch backends load diffusers folders with from_pretrained)")
+        opened = open_bundle(bundle, check_hashes=check_hashes)
+        if backend is Backend.ONNXRUNTIME:
+            from engine.backends.onnxruntime import load_stages
+
+            stages, device = load_stages(opened, providers)
+            dtype = opened.dtype
+        else:
+            from engine.backends.tensorrt import load_stages
+
+            stages, device, dtype = load_stages(opened, precision, engines, cuda_graphs)
+        pipe = cls(config=opened.config, **stages, device=device, dtype=dtype)
         pipe.backend = backend
         return pipe
 

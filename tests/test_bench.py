@@ -98,7 +98,8 @@ def test_bench_runs_a_bundle_on_onnxruntime(tiny_bundle, tmp_path):
     (["--preset", "tiny", "--sizes", "big"], "--sizes 'big': expected a side such as 1024 or HEIGHTxWIDTH"),
     (["--preset", "tiny", "--baseline", "xformers"], "--baseline xformers: expected any of diffusers, "
                                                      "diffusers-compile"),
-    (["--preset", "tiny", "--backend", "onnxruntime"], "--backend onnxruntime: onnxruntime runs a --bundle"),
+    (["--preset", "tiny", "--backend", "onnxruntime"], "--backend onnxruntime: onnxruntime and tensorrt run a "
+                                                       "--bundle"),
     (["--bundle", "b", "--baseline", "diffusers"], "--baseline needs the weights"),
 ])
 def test_bad_arguments_are_one_line(capsys, args, message):

@@ -130,9 +130,10 @@ def test_export_the_demo_verify_it_and_generate_from_it(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--bundle", "b", "--prior", "p", "--decoder", "d"], "--bundle given with --prior/--decoder"),
     (["--backend", "onnxruntime"], "--backend onnxruntime runs a --bundle: make one with `wuerstchen export`"),
-    (["--bundle", "b", "--backend", "torch"], "--backend torch cannot run a --bundle: expected onnxruntime"),
+    (["--bundle", "b", "--backend", "torch"], "--backend torch cannot run a --bundle: expected onnxruntime or "
+                                              "tensorrt"),
     (["--backend", "tensorrt-llm"], "backend='tensorrt-llm' is unknown: expected one of torch, torch-fast, "
-                                    "torch-compile, onnxruntime"),
+                                    "torch-compile, onnxruntime, tensorrt"),
     (["--bundle", "/no/such/bundle"], "bundle='/no/such/bundle': folder does not exist"),
 ])
 def test_model_source_errors_are_one_line(tmp_path, capsys, args, message):

@@ -163,7 +163,7 @@ def test_sizes_outside_the_bundle_range_are_refused(bundle_pipeline):
 
 def test_backend_names_are_checked(tiny_bundle):
     with pytest.raises(WuerstchenError, match=r"^backend='tensorrt-llm' is unknown: expected one of torch, "
-                                              r"torch-fast, torch-compile, onnxruntime$"):
+                                              r"torch-fast, torch-compile, onnxruntime, tensorrt$"):
         WuerstchenPipeline.from_bundle(tiny_bundle, backend="tensorrt-llm")
     with pytest.raises(WuerstchenError, match=r"^backend='torch' cannot run a bundle"):
         WuerstchenPipeline.from_bundle(tiny_bundle, backend="torch")

@@ -148,5 +148,5 @@ def test_fast_backend_makes_the_reference_images(tiny_folders):
 
 def test_backend_names_are_listed_when_wrong():
     with pytest.raises(WuerstchenError, match=r"^backend='fast' is unknown: expected one of torch, torch-fast, "
-                                              r"torch-compile, onnxruntime$"):
+                                              r"torch-compile, onnxruntime, tensorrt$"):
         Backend.parse("fast")

@@ -13,6 +13,11 @@ class Backend(str, Enum):
     TORCH_FAST = "torch-fast"  # the same with Triton attention and every denoising step as one CUDA graph
     TORCH_COMPILE = "torch-compile"  # torch-fast, with the prior and the decoder under torch.compile
     ONNXRUNTIME = "onnxruntime"  # the graphs of a bundle, in ONNX Runtime
+    TENSORRT = "tensorrt"  # the graphs of a bundle, as TensorRT engines
+
+    @property
+    def runs_bundles(self) -> bool:
+        return self in (Backend.ONNXRUNTIME, Backend.TENSORRT)
 
     @classmethod
     def parse(cls, value: str | Backend) -> Backend:

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from engine.backends.graphs import graph_stages
 from engine.bundle import DTYPES, Bundle
 from engine.errors import WuerstchenError
 from engine.shapes import resolve_dims
-from engine.text import TextEncoder
 
 ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -99,60 +99,12 @@ class OnnxGraph:
                                       f"expected {spec['shape']} with {symbols}")
 
 
-class OnnxPrior:
-    """The prior's conditioning and step graphs with `Prior`'s `condition` and call."""
-
-    def __init__(self, condition: OnnxGraph, step: OnnxGraph):
-        self._condition, self._step = condition, step
-
-    def condition(self, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self._condition(text))
-
-    def __call__(self, x: torch.Tensor, r: torch.Tensor, text_kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self._step(x, r, *text_kv)[0]
-
-
-class OnnxDecoder:
-    """The decoder's conditioning and step graphs with `Decoder`'s `condition` and call."""
-
-    def __init__(self, condition: OnnxGraph, step: OnnxGraph):
-        self._condition, self._step = condition, step
-        self._num_text_kv = sum(spec["name"].startswith("text_kv.") for spec in condition.outputs)
-
-    def condition(self, pyramid: tuple[torch.Tensor, ...], text: torch.Tensor):
-        outputs = self._condition(text, *pyramid)
-        return tuple(outputs[: self._num_text_kv]), tuple(outputs[self._num_text_kv :])
-
-    def __call__(self, x: torch.Tensor, r: torch.Tensor, text_kv: tuple[torch.Tensor, ...],
-                 effnet: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return self._step(x, r, *text_kv, *effnet)[0]
-
-
 def load_stages(bundle: Bundle, providers: Sequence[str] | None) -> tuple[dict, torch.device]:
     """The pipeline's stages on ONNX Runtime, and the device their tensors live on."""
-    from transformers import AutoTokenizer
-
     if bundle.dtype not in ELEMENT_TYPES:
         raise WuerstchenError(f"bundle dtype {bundle.manifest['dtype']} cannot be bound by ONNX Runtime's Python "
                               "API: export with --dtype fp32 or fp16, or run it with TensorRT")
     providers = choose_providers(providers)
     device = torch.device("cuda" if providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
                           else "cpu")
-
-    def graph(name: str) -> OnnxGraph:
-        return OnnxGraph(bundle, name, providers, device)
-
-    def text(stage: str) -> TextEncoder:
-        tokenizer = AutoTokenizer.from_pretrained(bundle.path(bundle.manifest["tokenizers"][stage]))
-        transformer = graph(f"{stage}_text")
-        return TextEncoder(tokenizer, lambda ids, mask: transformer(ids, mask)[0], device)
-
-    vqgan = graph("vqgan_decode")
-    stages = dict(
-        prior_text=text("prior"),
-        prior=OnnxPrior(graph("prior_condition"), graph("prior_step")),
-        decoder_text=text("decoder"),
-        decoder=OnnxDecoder(graph("decoder_condition"), graph("decoder_step")),
-        vqgan=lambda latents: vqgan(latents)[0],
-    )
-    return stages, device
+    return graph_stages(bundle, lambda name: OnnxGraph(bundle, name, providers, device), device), device
