@@ -190,8 +190,11 @@ def export(args: argparse.Namespace) -> int:
         raise WuerstchenError(f"{given} given without {missing}: pass both folders, or neither for the demo model")
     cpu = torch.device("cpu")
     dtype = resolve_dtype(args.dtype, cpu)
+    if args.prior is not None and args.preset is not None:
+        raise WuerstchenError("--preset given with --prior/--decoder: pass one model source")
     if args.prior is None:
-        pipe, sources = WuerstchenPipeline.from_preset("tiny", cpu, dtype), {"preset": "tiny", "seed": 0}
+        name = args.preset or "tiny"
+        pipe, sources = WuerstchenPipeline.from_preset(name, cpu, dtype), {"preset": name, "seed": 0}
     else:
         pipe = WuerstchenPipeline.from_pretrained(args.prior, args.decoder, cpu, dtype, variant=args.variant)
         sources = folder_sources(args.prior, args.decoder)
@@ -259,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
     exp.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
     exp.add_argument("--variant", metavar="NAME", help="weight file variant to read, e.g. fp16")
+    exp.add_argument("--preset", help="without folders: tiny (default) or wuerstchen-v2, with random weights")
     exp.add_argument("--dtype", default="fp32", help="fp32 (default), fp16 or bf16: the graphs' precision")
     exp.add_argument("--min-size", type=int, default=256, help="smallest image side served (default 256)")
     exp.add_argument("--max-size", type=int, default=1536, help="largest image side served (default 1536)")

@@ -178,8 +178,10 @@ class EngineCache:
             return f"record {record} is corrupt"
         if fields.get("key") != key:
             return f"record {record} is for another key"
+        with open(plan, "rb") as f:
+            start = f.read(28)  # plans are gigabytes: read the header only
         try:
-            header = read_plan_header(plan.read_bytes()[:28], str(plan))
+            header = read_plan_header(start, str(plan))
         except WuerstchenError as error:
             return str(error)
         built_by = ".".join(map(str, header.version)) if header.version else None

@@ -127,6 +127,12 @@ def test_export_the_demo_verify_it_and_generate_from_it(tmp_path, capsys):
         capsys.readouterr().err
 
 
+def test_export_takes_one_model_source(tmp_path, capsys):
+    assert _status(["export", "--out", str(tmp_path / "b"), "--preset", "tiny", "--prior", "p", "--decoder", "d"]) == 2
+    assert capsys.readouterr().err == "wuerstchen export: error: --preset given with --prior/--decoder: pass one " \
+                                      "model source\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bundle", "b", "--prior", "p", "--decoder", "d"], "--bundle given with --prior/--decoder"),
     (["--backend", "onnxruntime"], "--backend onnxruntime runs a --bundle: make one with `wuerstchen export`"),

@@ -174,33 +174,38 @@ def load_stages(bundle: Bundle, precision: str = "bf16", engines: str | Path | N
     def usable(plan) -> bool:
         return cache.stale_reason(plan.graph, plan.key, plan.fields["tensorrt"]) is None
 
-    # Each graph's engine: one an earlier `wuerstchen build` left (any profiles), else one built now.
-    plans, missing = [], []
+    def report(line: str) -> None:
+        warnings.warn(line, stacklevel=3)
+
+    # Each graph's engine: one an earlier `wuerstchen build` left (any profiles), else one built now with the
+    # default settings.
+    chosen = {}
     for default in plan_engines(bundle, settings, cache):
         found = next((plan for plan in [default, *cache.compatible(default)] if usable(plan)), None)
-        plans.append(found or default)
-        if found is None:
-            missing.append(default)
-    if missing and not build:
-        raise WuerstchenError(f"no usable engine for {missing[0].graph} in {cache.root}: run `wuerstchen build`")
-    build_engines(missing, settings, cache, progress=lambda line: warnings.warn(line, stacklevel=2))
+        if found is None and not build:
+            raise WuerstchenError(f"no usable engine for {default.graph} in {cache.root}: run `wuerstchen build`")
+        chosen[default.graph] = (found or default, default)
+    build_engines([default for plan, default in chosen.values() if plan is default and not usable(default)],
+                  settings, cache, progress=report)
 
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     loaded = {}
-    for plan in plans:
-        path = cache.paths(plan.graph, plan.key)[0]
+    for graph_name, (plan, default) in chosen.items():
+        entry = bundle.graph(graph_name)
+        expected = sorted(t["name"] for t in (*entry["inputs"], *entry["outputs"]))
+        path = cache.paths(graph_name, plan.key)[0]
         engine = runtime.deserialize_cuda_engine(path.read_bytes())
-        expected = [t["name"] for t in (*bundle.graph(plan.graph)["inputs"], *bundle.graph(plan.graph)["outputs"])]
-        actual = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)] if engine is not None else None
-        if engine is None or sorted(actual) != sorted(expected):
-            reason = "could not be deserialized" if engine is None else "has other inputs and outputs"
-            warnings.warn(f"engine {path} {reason}: rebuilding it", stacklevel=2)
+        if engine is None or sorted(engine.get_tensor_name(i) for i in range(engine.num_io_tensors)) != expected:
+            report(f"engine {path} {'could not be deserialized' if engine is None else 'has other inputs and outputs'}"
+                   ": rebuilding it")
             path.unlink()
-            build_engines([plan], settings, cache, progress=lambda line: warnings.warn(line, stacklevel=2))
+            plan = default
+            build_engines([plan], settings, cache, progress=report)
+            path = cache.paths(graph_name, plan.key)[0]
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise WuerstchenError(f"engine {path} could not be deserialized even after a rebuild")
-        loaded[plan.graph] = (engine, plan.profiles)
+        loaded[graph_name] = (engine, plan.profiles)
 
     device = torch.device("cuda")
     scratch = aligned_empty((max(device_memory_size(engine) for engine, _ in loaded.values()),), torch.uint8, device)
