@@ -33,7 +33,7 @@ from engine.denoise import Model, StepGraphs, denoise
 from engine.device import resolve_device, resolve_dtype
 from engine.errors import WuerstchenError
 from engine.models import Decoder, Prior, VQGANDecoder
-from engine.models.blocks import use_attention
+from engine.models.blocks import use_attention, use_channels_last, use_fused_kernels
 from engine.models.decoder import resize_image_embeddings
 from engine.schedule import DenoisingSchedule, Generator, draw_denoising_noise, make_schedule, timestep_grid
 from engine.shapes import Shapes, image_shapes
@@ -237,9 +237,9 @@ class WuerstchenPipeline:
         self._progress_bar_config: dict = {}
 
     def _use_backend(self, backend: str | Backend) -> WuerstchenPipeline:
-        """Switch the PyTorch stages to a faster backend: `torch-fast` runs attention in this project's Triton
-        kernel and every denoising step as one CUDA graph; `torch-compile` also compiles the prior and the
-        decoder with torch.compile."""
+        """Switch the PyTorch stages to a faster backend: `torch-fast` runs attention and the norms in this
+        project's Triton kernels on channels-last activations, and every denoising step as one CUDA graph;
+        `torch-compile` also compiles the prior and the decoder with torch.compile."""
         backend = Backend.parse(backend)
         if backend.runs_bundles:
             raise WuerstchenError(f"backend={backend.value!r} runs a bundle: use WuerstchenPipeline.from_bundle")
@@ -248,8 +248,10 @@ class WuerstchenPipeline:
         if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise WuerstchenError(f"backend={backend.value!r} runs Triton kernels on a CUDA GPU (on a CPU only "
                                   "in Triton's interpreter, TRITON_INTERPRET=1, for tests): use backend='torch'")
-        use_attention(self.prior, "triton")
-        use_attention(self.decoder, "triton")
+        for model in (self.prior, self.decoder, self.vqgan):
+            use_attention(model, "triton")
+            use_fused_kernels(model)
+            use_channels_last(model)
         self.step_graphs = StepGraphs()
         if backend is Backend.TORCH_COMPILE:
             self.prior = torch.compile(self.prior, fullgraph=True, dynamic=False)

@@ -17,6 +17,7 @@ import onnx
 import torch
 
 import engine
+from engine.backends import Backend
 from engine.bundle import DTYPE_NAMES, FORMAT, FORMAT_VERSION, MANIFEST, sha256
 from engine.config import SizeGrid, WuerstchenConfig
 from engine.errors import WuerstchenError
@@ -141,6 +142,9 @@ def export_bundle(
     on the model's grid; the graphs serve every grid size from `min_size` to `max_size`.
     """
     out = Path(out)
+    if pipe.backend is not Backend.TORCH:
+        raise WuerstchenError(f"the pipeline runs on backend {pipe.backend.value!r}: export one on 'torch' (its "
+                              "Triton kernels and CUDA graphs are not ONNX)")
     config, grid = pipe.config, pipe.config.sizes
     for name, value in (("min_size", min_size), ("max_size", max_size)):
         on_grid = isinstance(value, int) and not isinstance(value, bool) and value % grid.step == 0

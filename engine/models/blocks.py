@@ -53,6 +53,23 @@ def attention_function(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch
     raise WuerstchenError(f"attention={name!r} is unknown: expected one of {', '.join(ATTENTION)}")
 
 
+def use_fused_kernels(module: nn.Module) -> None:
+    """Run every block inside `module` that has a fused Triton implementation (a `fused` attribute) with it."""
+    for block in module.modules():
+        if hasattr(block, "fused"):
+            block.fused = True
+
+
+def use_channels_last(module: nn.Module) -> None:
+    """Keep `module`'s convolution weights, and the activations of models that have the switch
+    (`channels_last`), in channels-last layout: the channel dim innermost, so that permuting to NHWC for
+    LayerNorms and Linears is a view, not a copy."""
+    module.to(memory_format=torch.channels_last)
+    for model in module.modules():
+        if hasattr(model, "channels_last"):
+            model.channels_last = True
+
+
 def use_attention(module: nn.Module, name: str) -> None:
     """Make every attention block inside `module` use the implementation `name` (see `attention_function`)."""
     function = attention_function(name)
@@ -94,14 +111,33 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """An NCHW tensor as (batch, pixels, channels): a view when it is channels-last, a copy otherwise."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
+def unpixels(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(batch, pixels, channels) back to an NCHW tensor of `like`'s size: channels-last, without a copy."""
+    batch, _, height, width = like.shape
+    return tokens.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of each pixel of an NCHW tensor, without affine parameters, in fp32."""
+    """LayerNorm over the channels of each pixel of an NCHW tensor, without affine parameters, in fp32.
+
+    `fused` (see `use_fused_kernels`) runs it as one Triton kernel on channels-last activations."""
+
+    fused = False
 
     def __init__(self, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from kernels.norms import layer_norm_modulate
+
+            return unpixels(layer_norm_modulate(pixels(x), None, None, self.eps), x)
         return layer_norm(x.permute(0, 2, 3, 1), self.eps).permute(0, 3, 1, 2)
 
 
@@ -136,7 +172,10 @@ class ResBlock(nn.Module):
     """Depthwise conv → LayerNorm2d → [concat skip] → Linear ×4 → GELU → GRN → Linear, plus the input.
 
     With `c_skip = 0` this is the prior's ResBlock; with a skip it is the decoder's ResBlockStageB.
+    `fused` runs GELU and the GRN as the two passes of one Triton kernel pair (`kernels.norms`).
     """
+
+    fused = False
 
     def __init__(self, channels: int, c_skip: int = 0, kernel_size: int = 3):
         super().__init__()
@@ -151,7 +190,15 @@ class ResBlock(nn.Module):
         if skip is not None:
             h = torch.cat([h, skip], dim=1)
         h = h.permute(0, 2, 3, 1)
-        h = self.fc2(self.grn(F.gelu(self.fc1(h))))
+        if self.fused:
+            from kernels.norms import global_response_norm
+
+            hidden = self.fc1(h)
+            hidden = global_response_norm(hidden.reshape(x.shape[0], -1, hidden.shape[-1]), self.grn.gamma,
+                                          self.grn.beta, gelu=True).reshape(hidden.shape)
+            h = self.fc2(hidden)
+        else:
+            h = self.fc2(self.grn(F.gelu(self.fc1(h))))
         return x + h.permute(0, 3, 1, 2)
 
 

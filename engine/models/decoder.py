@@ -19,7 +19,10 @@ class Decoder(nn.Module):
     Module names follow diffusers: `down_blocks[i]` and `up_blocks[i]` hold the level's blocks, with the
     down-sampler first and the up-sampler last; `effnet_mappers` has one entry per level on the way
     down and one per level on the way up (deepest first), `None` where the level takes no embedding.
+    With `channels_last` (see `use_channels_last`) the latents enter in channels-last layout.
     """
+
+    channels_last = False
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -112,6 +115,8 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """Predicted noise for latents x (B, 4, H, W) at noise levels r (B,), given `condition`'s outputs."""
         inject = self.config.inject_effnet
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         r_embed = timestep_embedding(r, self.config.c_r)
         kv_iter, effnet_iter = iter(text_kv), iter(effnet)
 

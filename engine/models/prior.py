@@ -23,7 +23,11 @@ class PriorLayer(nn.Module):
 
 
 class Prior(nn.Module):
-    """`WuerstchenPrior`. Call `condition` once per request, then `forward` once per step."""
+    """`WuerstchenPrior`. Call `condition` once per request, then `forward` once per step.
+
+    With `channels_last` (see `use_channels_last`) the latents enter in channels-last layout."""
+
+    channels_last = False
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -42,6 +46,8 @@ class Prior(nn.Module):
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, text_kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Predicted noise for latents x (B, c_in, h, w) at noise levels r (B,)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x_in = x
         r_embed = timestep_embedding(r, self.config.c_r)
         x = self.projection(x)

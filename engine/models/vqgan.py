@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import VQGANConfig
-from engine.models.blocks import layer_norm
+from engine.models.blocks import layer_norm, pixels
 
 # Parameters of the encoder half and the codebook: present in checkpoints, never used to decode.
 ENCODER_PREFIXES = ("in_block.", "down_blocks.", "vquantizer.")
@@ -19,7 +19,11 @@ ENCODER_PREFIXES = ("in_block.", "down_blocks.", "vquantizer.")
 
 class MixingResidualBlock(nn.Module):
     """A depthwise 3×3 conv (replicate padding) and a channel MLP, each after a LayerNorm modulated by
-    the six learned scalars `gammas` and added to the input scaled by one of them."""
+    the six learned scalars `gammas` and added to the input scaled by one of them.
+
+    `fused` runs each modulated LayerNorm as one Triton kernel (`kernels.norms.layer_norm_modulate`)."""
+
+    fused = False
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
@@ -28,11 +32,19 @@ class MixingResidualBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, channels)
         self.gammas = nn.Parameter(torch.zeros(6))
 
+    def _modulated_norm(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(x)·(1 + scale) + shift, NHWC out."""
+        if self.fused:
+            from kernels.norms import layer_norm_modulate
+
+            return layer_norm_modulate(pixels(x), scale, shift, 1e-6).reshape(x.shape[0], *x.shape[2:], -1)
+        return layer_norm(x.permute(0, 2, 3, 1)) * (1 + scale) + shift
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gammas
-        h = layer_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g[0]) + g[1]
+        h = self._modulated_norm(x, g[0], g[1]).permute(0, 3, 1, 2)
         x = x + self.depthwise(F.pad(h, (1, 1, 1, 1), mode="replicate")) * g[2]
-        h = layer_norm(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]
+        h = self._modulated_norm(x, g[3], g[4])
         return x + self.fc2(F.gelu(self.fc1(h))).permute(0, 3, 1, 2) * g[5]
 
 
@@ -40,8 +52,11 @@ class VQGANDecoder(nn.Module):
     """Scales the latent by `scale_factor`, decodes it and clamps the image to [0, 1].
 
     Module names follow diffusers: `up_blocks` is the 1×1 input conv, the residual blocks and the
-    transposed-conv up-samplers in order; `out_block` is the output conv and pixel shuffle.
+    transposed-conv up-samplers in order; `out_block` is the output conv and pixel shuffle. With
+    `channels_last` (see `use_channels_last`) the latents enter in channels-last layout.
     """
+
+    channels_last = False
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
@@ -62,5 +77,7 @@ class VQGANDecoder(nn.Module):
         )
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
         images = self.out_block(self.up_blocks(self.config.scale_factor * latents))
         return images.clamp(0, 1)
