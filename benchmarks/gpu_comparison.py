@@ -1,11 +1,13 @@
 """The full comparison on one GPU, inside ten minutes: this engine, eager and fast, against diffusers in
 the same process on the same random full-size weights, at 1024², batch 1 and 4, with the published
-recipe; then the attention kernel against SDPA at Würstchen's shapes.
+recipe; then the attention kernel against SDPA at Würstchen's shapes, and each step's kernel time by kind
+for torch, torch-fast and diffusers.
 
     python -m benchmarks.gpu_comparison                  # torch, torch-fast, diffusers eager; fp16
     python -m benchmarks.gpu_comparison --compile        # also diffusers + torch.compile (~2 min more)
 
-Prints the tables and writes bench.json, bench.csv (appended), bench.png and attention.json into --out.
+Prints the tables and writes bench.json, bench.csv (appended), bench.png, attention.json and kernels.json
+into --out.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.attention import main as attention_benchmark
+from benchmarks.kernel_profile import main as kernel_profile
 from engine.cli import main as wuerstchen
 
 
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         "--batch", "1", "4", "--runs", args.runs, "--backend", "torch", "torch-fast", "--baseline", *baselines,
         "--json", str(out / "bench.json"), "--csv", str(out / "bench.csv"), "--plot", str(out / "bench.png"),
     ])
-    return status or attention_benchmark(["--dtype", args.dtype, "--json", str(out / "attention.json")])
+    return (status or attention_benchmark(["--dtype", args.dtype, "--json", str(out / "attention.json")])
+            or kernel_profile(["--dtype", args.dtype, "--json", str(out / "kernels.json")]))
 
 
 if __name__ == "__main__":
