@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 
+from benchmarks.harness import cuda_median_ms
 from engine import preset
 from engine.device import DTYPES
 from engine.errors import WuerstchenError
@@ -35,20 +35,6 @@ def attention_shapes(size: int) -> dict[str, tuple[int, int, int, int]]:
         if "A" in kinds:
             found[f"decoder level {level}, {lh}×{lw}"] = (1, heads, lh * lw, lh * lw + TEXT_TOKENS)
     return found
-
-
-def _median_ms(function, iterations: int = 50, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(iterations):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         k, v = (torch.randn(batch, heads, keys, HEAD_DIM, device=device, dtype=dtype) for _ in range(2))
         flops = 4 * batch * heads * queries * keys * HEAD_DIM
         inputs = (q, k, v)
-        sdpa_ms = _median_ms(lambda inputs=inputs: torch.nn.functional.scaled_dot_product_attention(*inputs))
-        triton_ms = _median_ms(lambda inputs=inputs: attention(*inputs))
+        sdpa_ms = cuda_median_ms(lambda inputs=inputs: torch.nn.functional.scaled_dot_product_attention(*inputs))
+        triton_ms = cuda_median_ms(lambda inputs=inputs: attention(*inputs))
         difference = (attention(*inputs).float() - torch.nn.functional.scaled_dot_product_attention(*inputs).float()
                       ).abs().max().item()
         row = {"shape": name, "batch": batch, "heads": heads, "queries": queries, "keys": keys, "dtype": args.dtype,

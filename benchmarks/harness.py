@@ -226,3 +226,18 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
         a @ b
     _sync(device)
     return 2 * size**3 * runs / (time.perf_counter() - start) / 1e12
+
+
+def cuda_median_ms(function: Callable[[], object], warmup: int = 10, runs: int = 50) -> float:
+    """Median milliseconds of `function` on the GPU, each run between two CUDA events, after `warmup` runs."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
 import sys
 
 import torch
+
+from benchmarks.harness import cuda_median_ms
 
 # Kernel-name fragments by kind, first match wins (cuBLAS, CUTLASS, cuDNN, PyTorch and this project's Triton).
 KINDS = [
@@ -38,16 +39,7 @@ def profile(function, warmup: int = 10, runs: int = 20) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    wall_ms = cuda_median_ms(function, warmup, runs)
     with torch_profile(activities=[ProfilerActivity.CUDA]) as trace:
         function()
         torch.cuda.synchronize()
@@ -57,7 +49,7 @@ def profile(function, warmup: int = 10, runs: int = 20) -> dict:
         if total and event.device_type.name == "CUDA":
             by_kind[kind(event.key)] += total / 1e3
             kernels += event.count
-    return {"wall_ms": statistics.median(times), "kernel_ms": sum(by_kind.values()), "kernels": kernels,
+    return {"wall_ms": wall_ms, "kernel_ms": sum(by_kind.values()), "kernels": kernels,
             "by_kind_ms": dict(by_kind.most_common())}
 
 
