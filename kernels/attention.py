@@ -96,13 +96,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 @torch.library.custom_op("wuerstchen::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) and k, v (B, heads, Nk, d): any Nq and Nk, d in 16, 32,
-    64 (Würstchen's) or 128, in fp16, bf16 or fp32. Returns (B, heads, Nq, d) in q's dtype; raises ValueError
-    outside that envelope."""
+    64 (Würstchen's) or 128, in fp16, bf16 or fp32. Returns (B, heads, Nq, d) in q's dtype, the heads-major
+    view of a (B, Nq, heads, d) tensor; raises ValueError outside that envelope."""
     _check(q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     batch, heads, queries, head_dim = q.shape
     keys = k.shape[2]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = _output_like(q)
     # Triton's CPU interpreter multiplies bf16 tiles wrongly (NumPy has no bf16): there, products take fp32.
     upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     # fp32 inputs keep fp32 products (IEEE); TF32 would cost the accuracy fp32 is asked for.
@@ -124,7 +124,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 @attention.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     _check(q, k, v)
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return _output_like(q)
+
+
+def _output_like(q: torch.Tensor) -> torch.Tensor:
+    """An empty (B, heads, Nq, d) output laid out as (B, Nq, heads, d): merging the heads back into the
+    token matrix (B, Nq, heads·d) that the output projection reads is then a view, not a copy."""
+    batch, heads, queries, head_dim = q.shape
+    return q.new_empty(batch, queries, heads, head_dim).transpose(1, 2)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

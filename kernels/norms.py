@@ -4,12 +4,18 @@
   `· (1 + scale) + shift` (the VQGAN's learned gammas, or a timestep FiLM), in one pass with fp32
   statistics. Unfused, PyTorch reads and writes the activations five times (cast up, normalise, cast
   down, multiply, add).
+- `layer_norm_modulate_pad`: the same for an image, written with the one-pixel replicate padding that the
+  VQGAN's depthwise conv reads, so that padding costs no pass of its own.
+- `residual_film` and `residual_norm`: the glue between two blocks. A block's residual add, the timestep
+  FiLM after it, and (`residual_norm`) the next block's input LayerNorm, with its modulation, in one pass
+  that also adds the next block's output bias to the residual it writes, so that the next block's last
+  Linear accumulates into that residual in its GEMM epilogue. The same kernel runs all three ops.
 - `global_response_norm`: ConvNeXt-V2's GRN in two passes. The first applies GELU to the MLP's hidden
   activations (the op before every GRN here), writes them, and sums their squares over the pixels in
   fp32, per batch and channel; the second scales each channel by its norm over the channels' mean,
   then `γ · (y · n) + β + y`, in place.
 
-Both are PyTorch custom ops (`wuerstchen::…`), opaque to torch.compile and torch.export, each beside its
+All are PyTorch custom ops (`wuerstchen::…`), opaque to torch.compile and torch.export, each beside its
 PyTorch reference (`…_ref`) with the same signature.
 """
 
@@ -36,34 +42,112 @@ def _check(x: torch.Tensor, name: str) -> None:
 
 
 @triton.jit
-def _layer_norm_modulate(
-    X, Out, Scale, Shift, rows, pixels, channels, eps,
+def _modulate(y, Scale, Shift, batch, cols, mask, stride_scale_batch, stride_scale_channel, stride_shift_batch,
+              stride_shift_channel):
+    # y · (1 + scale) + shift in fp32, scale and shift read for each element's image and channel.
+    scale = tl.load(Scale + batch * stride_scale_batch + cols[None, :] * stride_scale_channel, mask=mask, other=0.0)
+    shift = tl.load(Shift + batch * stride_shift_batch + cols[None, :] * stride_shift_channel, mask=mask, other=0.0)
+    return y * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+
+
+@triton.jit
+def _residual_norm(
+    X, Branch, FilmScale, FilmShift, Bias, Scale, Shift, Residual, Normed,
+    rows, pixels, width, channels, eps,
+    stride_film_scale_batch, stride_film_scale_channel, stride_film_shift_batch, stride_film_shift_channel,
     stride_scale_batch, stride_scale_channel, stride_shift_batch, stride_shift_channel,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MODULATE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ADD: tl.constexpr, FILM: tl.constexpr, BIAS: tl.constexpr, RESIDUAL: tl.constexpr, NORM: tl.constexpr,
+    MODULATE: tl.constexpr, PAD: tl.constexpr,
 ):
-    # One program: BLOCK_R pixels (rows, `pixels` per image) with all their channels.
+    # One program: BLOCK_R pixels (rows, `pixels` per image) with all their channels, in fp32 throughout.
+    # y = (x [+ branch]) [· (1 + film_scale) + film_shift]; writes y [+ bias] when RESIDUAL, and
+    # LayerNorm(y) [· (1 + scale) + shift] when NORM, into a replicate-padded image when PAD.
     row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     mask = (row[:, None] < rows) & (cols[None, :] < channels)
     pointers = row[:, None] * channels + cols[None, :]
-    x = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / channels
-    centred = tl.where(mask, x - mean[:, None], 0.0)
-    variance = tl.sum(centred * centred, axis=1) / channels
-    y = centred * tl.math.rsqrt(variance + eps)[:, None]
-    if MODULATE:
-        batch = row // pixels
-        scale = tl.load(Scale + batch[:, None] * stride_scale_batch + cols[None, :] * stride_scale_channel,
-                        mask=mask, other=0.0)
-        shift = tl.load(Shift + batch[:, None] * stride_shift_batch + cols[None, :] * stride_shift_channel,
-                        mask=mask, other=0.0)
-        y = y * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
-    tl.store(Out + pointers, y.to(Out.dtype.element_ty), mask=mask)
+    batch = row[:, None] // pixels
+    y = tl.load(X + pointers, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        y += tl.load(Branch + pointers, mask=mask, other=0.0).to(tl.float32)
+    if FILM:
+        y = _modulate(y, FilmScale, FilmShift, batch, cols, mask, stride_film_scale_batch, stride_film_scale_channel,
+                      stride_film_shift_batch, stride_film_shift_channel)
+    if RESIDUAL:
+        residual = y
+        if BIAS:
+            residual += tl.load(Bias + cols, mask=cols < channels, other=0.0).to(tl.float32)[None, :]
+        tl.store(Residual + pointers, residual.to(Residual.dtype.element_ty), mask=mask)
+    if NORM:
+        mean = tl.sum(y, axis=1) / channels
+        centred = tl.where(mask, y - mean[:, None], 0.0)
+        variance = tl.sum(centred * centred, axis=1) / channels
+        normed = centred * tl.math.rsqrt(variance + eps)[:, None]
+        if MODULATE:
+            normed = _modulate(normed, Scale, Shift, batch, cols, mask, stride_scale_batch, stride_scale_channel,
+                               stride_shift_batch, stride_shift_channel)
+        normed = normed.to(Normed.dtype.element_ty)
+        if PAD:  # into (batch, height + 2, width + 2, channels), every edge pixel also written outwards
+            height = pixels // width
+            image, i, j = row // pixels, row % pixels // width, row % width
+            for di in tl.static_range(3):
+                for dj in tl.static_range(3):
+                    # Pixel (i, j) fills padded (i + di, j + dj) when it is the image pixel nearest to it.
+                    nearest_i = tl.minimum(tl.maximum(i + di - 1, 0), height - 1)
+                    nearest_j = tl.minimum(tl.maximum(j + dj - 1, 0), width - 1)
+                    target = ((image * (height + 2) + i + di) * (width + 2) + j + dj) * channels
+                    keep = (nearest_i == i) & (nearest_j == j)
+                    tl.store(Normed + target[:, None] + cols[None, :], normed, mask=mask & keep[:, None])
+        else:
+            tl.store(Normed + pointers, normed, mask=mask)
 
 
 def _per_batch_channel(t: torch.Tensor, batch: int, channels: int) -> torch.Tensor:
     """A scale or shift as a (batch, channels) view: from a scalar, (channels,) or (batch, channels)."""
     return t.reshape(t.shape[0] if t.dim() == 2 else 1, -1).expand(batch, channels)
+
+
+def _launch_residual_norm(
+    name: str, x: torch.Tensor, branch: torch.Tensor | None, film: tuple[torch.Tensor, torch.Tensor] | None,
+    bias: torch.Tensor | None, modulation: tuple[torch.Tensor, torch.Tensor] | None, eps: float,
+    residual: bool, norm: bool, pad_width: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Runs `_residual_norm` over x (batch, pixels, channels); returns (residual or None, normed or None).
+    With `pad_width`, the pixels are an image of that width, and normed is written replicate-padded."""
+    batch, pixels, channels = x.shape
+    if channels > MAX_CHANNELS:
+        raise ValueError(f"{name}: {channels} channels: expected at most {MAX_CHANNELS}")
+    if branch is not None and (branch.shape != x.shape or branch.dtype != x.dtype):
+        raise ValueError(f"{name}: branch {tuple(branch.shape)} {branch.dtype}: expected x's shape and dtype, "
+                         f"{tuple(x.shape)} {x.dtype}")
+    x = x.contiguous()
+    branch = x if branch is None else branch.contiguous()
+    film_scale, film_shift = (_per_batch_channel(t, batch, channels) for t in film) if film else (x[0], x[0])
+    scale, shift = (_per_batch_channel(t, batch, channels) for t in modulation) if modulation else (x[0], x[0])
+    residual_out = torch.empty_like(x) if residual else None
+    normed_out = torch.empty_like(x) if norm else None
+    if pad_width is not None:
+        normed_out = x.new_empty(batch, pixels // pad_width + 2, pad_width + 2, channels)
+    block_c = triton.next_power_of_2(channels)
+    block_r = max(1, 4096 // block_c)  # tiles of about 4,096 values: several pixels per program when narrow
+    _residual_norm[(triton.cdiv(batch * pixels, block_r),)](
+        x, branch, film_scale, film_shift, x if bias is None else bias.reshape(-1), scale, shift,
+        x if residual_out is None else residual_out, x if normed_out is None else normed_out,
+        batch * pixels, pixels, pad_width or 1, channels, eps,
+        film_scale.stride(0), film_scale.stride(1), film_shift.stride(0), film_shift.stride(1),
+        scale.stride(0), scale.stride(1), shift.stride(0), shift.stride(1),
+        BLOCK_R=block_r, BLOCK_C=block_c, ADD=branch is not x, FILM=film is not None, BIAS=bias is not None,
+        RESIDUAL=residual, NORM=norm, MODULATE=modulation is not None, PAD=pad_width is not None,
+        num_warps=8 if block_c > 1024 else 4,
+    )
+    return residual_out, normed_out
+
+
+def _pair(name: str, scale: torch.Tensor | None, shift: torch.Tensor | None):
+    if (scale is None) != (shift is None):
+        raise ValueError(f"{name}: give both scale and shift, or neither")
+    return None if scale is None else (scale, shift)
 
 
 @torch.library.custom_op("wuerstchen::layer_norm_modulate", mutates_args=())
@@ -73,26 +157,9 @@ def layer_norm_modulate(x: torch.Tensor, scale: torch.Tensor | None, shift: torc
     given; x (batch, pixels, channels) in fp16, bf16 or fp32, scale and shift scalars, (channels,) or
     (batch, channels). Statistics and modulation in fp32; returns x's shape and dtype, contiguous."""
     _check(x, "layer_norm_modulate")
-    batch, pixels, channels = x.shape
-    if channels > MAX_CHANNELS:
-        raise ValueError(f"layer_norm_modulate: {channels} channels: expected at most {MAX_CHANNELS}")
-    if (scale is None) != (shift is None):
-        raise ValueError("layer_norm_modulate: give both scale and shift, or neither")
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    modulate = scale is not None
-    if modulate:
-        scale, shift = (_per_batch_channel(t, batch, channels) for t in (scale, shift))
-    else:
-        scale = shift = x  # unused
-    block_c = triton.next_power_of_2(channels)
-    block_r = max(1, 4096 // block_c)  # tiles of about 4,096 values: several pixels per program when narrow
-    _layer_norm_modulate[(triton.cdiv(batch * pixels, block_r),)](
-        x, out, scale, shift, batch * pixels, pixels, channels, eps,
-        scale.stride(0), scale.stride(1), shift.stride(0), shift.stride(1),
-        BLOCK_R=block_r, BLOCK_C=block_c, MODULATE=modulate, num_warps=8 if block_c > 1024 else 4,
-    )
-    return out
+    modulation = _pair("layer_norm_modulate", scale, shift)
+    return _launch_residual_norm("layer_norm_modulate", x, None, None, None, modulation, eps, residual=False,
+                                 norm=True)[1]
 
 
 @layer_norm_modulate.register_fake
@@ -104,13 +171,109 @@ def _(x, scale, shift, eps):
 def layer_norm_modulate_ref(x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
                             eps: float) -> torch.Tensor:
     """The same in PyTorch: in fp32, or fp64 for fp64 inputs."""
+    return _modulated_norm_ref(x.to(_compute_dtype(x)), scale, shift, eps).to(x.dtype)
+
+
+def _modulated_norm_ref(y: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None,
+                        eps: float) -> torch.Tensor:
+    normed = torch.nn.functional.layer_norm(y, y.shape[-1:], eps=eps)
+    if scale is None:
+        return normed
+    batch, _, channels = y.shape
+    scale, shift = (_per_batch_channel(t, batch, channels).to(y.dtype)[:, None] for t in (scale, shift))
+    return normed * (1 + scale) + shift
+
+
+@torch.library.custom_op("wuerstchen::layer_norm_modulate_pad", mutates_args=())
+def layer_norm_modulate_pad(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """`layer_norm_modulate` of an image x (batch, height, width, channels), written with a one-pixel
+    replicate padding around it: (batch, height + 2, width + 2, channels), the input of a 3×3 conv that
+    pads by replication, without a separate padding pass over the activations."""
+    _check_image(x)
+    pixels = x.reshape(x.shape[0], -1, x.shape[-1])
+    modulation = _pair("layer_norm_modulate_pad", scale, shift)
+    return _launch_residual_norm("layer_norm_modulate_pad", pixels, None, None, None, modulation, eps, residual=False,
+                                 norm=True, pad_width=x.shape[2])[1]
+
+
+@layer_norm_modulate_pad.register_fake
+def _(x, scale, shift, eps):
+    _check_image(x)
+    batch, height, width, channels = x.shape
+    return x.new_empty(batch, height + 2, width + 2, channels)
+
+
+def _check_image(x: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"layer_norm_modulate_pad: expected (batch, height, width, channels), got shape "
+                         f"{tuple(x.shape)}")
+    _check(x.flatten(1, 2), "layer_norm_modulate_pad")
+
+
+def layer_norm_modulate_pad_ref(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                                eps: float) -> torch.Tensor:
+    """The same in PyTorch: `layer_norm_modulate_ref`, then `F.pad(mode="replicate")`."""
+    normed = layer_norm_modulate_ref(x.flatten(1, 2), scale, shift, eps).reshape(x.shape)
+    return torch.nn.functional.pad(normed.permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate").permute(0, 2, 3, 1)
+
+
+@torch.library.custom_op("wuerstchen::residual_film", mutates_args=())
+def residual_film(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(x + branch) · (1 + scale) + shift: a block's residual add followed by the timestep FiLM, one pass in
+    fp32. x and branch (batch, pixels, channels) in fp16, bf16 or fp32; scale and shift (batch, channels)."""
+    _check(x, "residual_film")
+    return _launch_residual_norm("residual_film", x, branch, (scale, shift), None, None, 0.0, residual=True,
+                                 norm=False)[0]
+
+
+@residual_film.register_fake
+def _(x, branch, scale, shift):
+    _check(x, "residual_film")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def residual_film_ref(x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The same in PyTorch: in fp32, or fp64 for fp64 inputs."""
     compute = _compute_dtype(x)
-    y = torch.nn.functional.layer_norm(x.to(compute), x.shape[-1:], eps=eps)
-    if scale is not None:
-        batch, _, channels = x.shape
-        scale, shift = (_per_batch_channel(t, batch, channels).to(compute)[:, None] for t in (scale, shift))
-        y = y * (1 + scale) + shift
-    return y.to(x.dtype)
+    y = x.to(compute) + branch.to(compute)
+    return (y * (1 + scale.to(compute)[:, None]) + shift.to(compute)[:, None]).to(x.dtype)
+
+
+@torch.library.custom_op("wuerstchen::residual_norm", mutates_args=())
+def residual_norm(
+    x: torch.Tensor, branch: torch.Tensor, film_scale: torch.Tensor | None, film_shift: torch.Tensor | None,
+    bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The glue between two blocks in one pass: y = x + branch, then the timestep FiLM
+    `y · (1 + film_scale) + film_shift` when given ((batch, channels) each). Returns the next block's
+    residual, y + bias (its output Linear's bias, so that the Linear can accumulate into it without one),
+    and its input, LayerNorm(y) over the last dim, modulated `· (1 + scale) + shift` when given (scalars,
+    (channels,) or (batch, channels)). x and branch (batch, pixels, channels) in fp16, bf16 or fp32;
+    everything is computed in fp32 and both outputs are contiguous, in x's dtype."""
+    _check(x, "residual_norm")
+    film = _pair("residual_norm", film_scale, film_shift)
+    modulation = _pair("residual_norm", scale, shift)
+    return _launch_residual_norm("residual_norm", x, branch, film, bias, modulation, eps, residual=True, norm=True)
+
+
+@residual_norm.register_fake
+def _(x, branch, film_scale, film_shift, bias, scale, shift, eps):
+    _check(x, "residual_norm")
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def residual_norm_ref(
+    x: torch.Tensor, branch: torch.Tensor, film_scale: torch.Tensor | None, film_shift: torch.Tensor | None,
+    bias: torch.Tensor | None, scale: torch.Tensor | None, shift: torch.Tensor | None, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in PyTorch: in fp32, or fp64 for fp64 inputs."""
+    compute = _compute_dtype(x)
+    y = x.to(compute) + branch.to(compute)
+    if film_scale is not None:
+        y = y * (1 + film_scale.to(compute)[:, None]) + film_shift.to(compute)[:, None]
+    residual = y if bias is None else y + bias.to(compute)
+    return residual.to(x.dtype), _modulated_norm_ref(y, scale, shift, eps).to(x.dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -45,7 +45,10 @@ def test_kernel_takes_strided_views_as_the_attention_block_makes_them():
     qkv = torch.randn(2, 100, 3 * 128, device=DEVICE)  # (B, N, 3C) of one fused projection, C = 2 heads × 64
     q, k, v = (t.unflatten(-1, (2, 64)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
     assert not q.is_contiguous()
-    assert torch.allclose(attention(q, k, v), attention_ref(q, k, v), atol=1e-5)
+    out = attention(q, k, v)
+    assert torch.allclose(out, attention_ref(q, k, v), atol=1e-5)
+    tokens = out.transpose(1, 2).flatten(2)  # the heads merged back for the output projection: a view
+    assert tokens.shape == (2, 100, 128) and tokens.data_ptr() == out.data_ptr() and tokens.is_contiguous()
 
 
 @pytest.mark.parametrize("q_shape, k_shape, dtypes, message", [

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +54,15 @@ def attention_function(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch
 
 
 def use_fused_kernels(module: nn.Module) -> None:
-    """Run every block inside `module` that has a fused Triton implementation (a `fused` attribute) with it."""
+    """Run every block inside `module` that has a fused Triton implementation (a `fused` attribute) with it.
+
+    Blocks whose fused forward reads folded copies of their weights (`fold_for_fused`) compute them now:
+    call this after the weights are loaded."""
     for block in module.modules():
         if hasattr(block, "fused"):
             block.fused = True
+        if hasattr(block, "fold_for_fused"):
+            block.fold_for_fused()
 
 
 def use_channels_last(module: nn.Module) -> None:
@@ -164,15 +169,21 @@ class TimestepBlock(nn.Module):
         self.mapper = nn.Linear(c_r, 2 * channels)
 
     def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
-        a, b = self.mapper(r_embed)[:, :, None, None].chunk(2, dim=1)
-        return x * (1 + a) + b
+        a, b = self.modulation(r_embed)
+        return x * (1 + a[:, :, None, None]) + b[:, :, None, None]
+
+    def modulation(self, r_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FiLM's scale a and shift b, (batch, channels) each."""
+        a, b = self.mapper(r_embed).chunk(2, dim=1)
+        return a, b
 
 
 class ResBlock(nn.Module):
     """Depthwise conv → LayerNorm2d → [concat skip] → Linear ×4 → GELU → GRN → Linear, plus the input.
 
     With `c_skip = 0` this is the prior's ResBlock; with a skip it is the decoder's ResBlockStageB.
-    `fused` runs GELU and the GRN as the two passes of one Triton kernel pair (`kernels.norms`).
+    `fused` runs GELU and the GRN as the two passes of one Triton kernel pair (`kernels.norms`), and lets
+    `run_fused_chain` take over the residual add.
     """
 
     fused = False
@@ -186,20 +197,22 @@ class ResBlock(nn.Module):
         self.fc2 = nn.Linear(4 * channels, channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fused:
+            return x + unpixels(self.branch(x, skip), x)
         h = self.norm(self.depthwise(x))
         if skip is not None:
             h = torch.cat([h, skip], dim=1)
-        h = h.permute(0, 2, 3, 1)
-        if self.fused:
-            from kernels.norms import global_response_norm
-
-            hidden = self.fc1(h)
-            hidden = global_response_norm(hidden.reshape(x.shape[0], -1, hidden.shape[-1]), self.grn.gamma,
-                                          self.grn.beta, gelu=True).reshape(hidden.shape)
-            h = self.fc2(hidden)
-        else:
-            h = self.fc2(self.grn(F.gelu(self.fc1(h))))
+        h = self.fc2(self.grn(F.gelu(self.fc1(h.permute(0, 2, 3, 1)))))
         return x + h.permute(0, 3, 1, 2)
+
+    def branch(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused path's MLP branch, before the residual add, as (batch, pixels, channels) tokens."""
+        from kernels.norms import global_response_norm
+
+        h = self.norm(self.depthwise(x))
+        if skip is not None:
+            h = torch.cat([h, skip], dim=1)
+        return self.fc2(global_response_norm(self.fc1(pixels(h)), self.grn.gamma, self.grn.beta, gelu=True))
 
 
 class AttnBlock(nn.Module):
@@ -223,12 +236,57 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, text_kv: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        o = self.out(self._attend(self.norm(x).flatten(2).transpose(1, 2), text_kv))
+        return x + o.transpose(1, 2).reshape(batch, channels, height, width)
+
+    def attend(self, residual: torch.Tensor, normed: torch.Tensor, text_kv: torch.Tensor) -> torch.Tensor:
+        """The fused path's block on (batch, pixels, channels) tokens: `normed` is LayerNorm(x) and
+        `residual` is x plus the output projection's bias. The projection accumulates into `residual`, in
+        place, in its GEMM's epilogue, and returns it."""
+        o = self._attend(normed, text_kv)
+        return residual.view(-1, o.shape[-1]).addmm_(o.reshape(-1, o.shape[-1]), self.out.weight.t()) \
+            .view_as(residual)
+
+    def _attend(self, tokens: torch.Tensor, text_kv: torch.Tensor) -> torch.Tensor:
+        """Attention over normed image tokens (B, N, C) and the text's keys and values, before the output
+        projection."""
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
         text_k, text_v = text_kv.chunk(2, dim=-1)
         k = torch.cat([k, text_k], dim=1)
         v = torch.cat([v, text_v], dim=1)
         heads = [t.unflatten(-1, (self.nhead, -1)).transpose(1, 2) for t in (q, k, v)]
-        o = self.attention(*heads).transpose(1, 2).flatten(2)
-        o = self.out(o)
-        return x + o.transpose(1, 2).reshape(batch, channels, height, width)
+        return self.attention(*heads).transpose(1, 2).flatten(2)
+
+
+def fusable_chains(blocks: Sequence[nn.Module]) -> list[tuple[nn.Module, ...]]:
+    """`blocks` grouped as the fused path runs them: a ResBlock followed by a TimestepBlock, and by the
+    AttnBlock after that if there is one, is one chain (`run_fused_chain`); any other block is alone."""
+    chains, i = [], 0
+    while i < len(blocks):
+        length = 1
+        if isinstance(blocks[i], ResBlock) and i + 1 < len(blocks) and isinstance(blocks[i + 1], TimestepBlock):
+            length = 3 if i + 2 < len(blocks) and isinstance(blocks[i + 2], AttnBlock) else 2
+        chains.append(tuple(blocks[i:i + length]))
+        i += length
+    return chains
+
+
+def run_fused_chain(
+    chain: tuple[nn.Module, ...], x: torch.Tensor, r_embed: torch.Tensor, skip: torch.Tensor | None = None,
+    text_kv: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ResBlock → TimestepBlock [→ AttnBlock] with the glue between them fused. The ResBlock's residual add,
+    the FiLM and the attention's LayerNorm are one pass over the activations (`kernels.norms.residual_norm`,
+    or `residual_film` without attention), and the attention's output projection adds its residual and
+    bias in its GEMM. Unfused (two adds, the FiLM's multiply and add, the LayerNorm), this glue reads or
+    writes the activations twelve times; here five: four in the kernel, one in the GEMM's epilogue."""
+    from kernels.norms import residual_film, residual_norm
+
+    res, time, *attn = chain
+    a, b = time.modulation(r_embed)
+    branch = res.branch(x, skip)
+    if not attn:
+        return unpixels(residual_film(pixels(x), branch, a, b), x)
+    block = attn[0]
+    residual, normed = residual_norm(pixels(x), branch, a, b, block.out.bias, None, None, block.norm.eps)
+    return unpixels(block.attend(residual, normed, text_kv), x)

@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import DecoderConfig
-from engine.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, layer_norm, timestep_embedding
+from engine.models.blocks import (
+    AttnBlock,
+    LayerNorm2d,
+    ResBlock,
+    TimestepBlock,
+    fusable_chains,
+    layer_norm,
+    run_fused_chain,
+    timestep_embedding,
+)
 
 
 class Decoder(nn.Module):
@@ -19,10 +28,12 @@ class Decoder(nn.Module):
     Module names follow diffusers: `down_blocks[i]` and `up_blocks[i]` hold the level's blocks, with the
     down-sampler first and the up-sampler last; `effnet_mappers` has one entry per level on the way
     down and one per level on the way up (deepest first), `None` where the level takes no embedding.
-    With `channels_last` (see `use_channels_last`) the latents enter in channels-last layout.
+    With `channels_last` (see `use_channels_last`) the latents enter in channels-last layout; `fused` runs
+    each ResBlock with the TimestepBlock and AttnBlock after it as one chain (`run_fused_chain`).
     """
 
     channels_last = False
+    fused = False
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -82,6 +93,9 @@ class Decoder(nn.Module):
             return TimestepBlock(channels, config.c_r)
         return AttnBlock(channels, config.c_cond, config.nhead[level])
 
+    def _chains(self, level: nn.ModuleList) -> list[tuple[nn.Module, ...]]:
+        return fusable_chains(level) if self.fused else [(block,) for block in level]
+
     def _attention_blocks(self) -> list[AttnBlock]:
         """The attention blocks in the order `forward` runs them."""
         return [block for level in (*self.down_blocks, *self.up_blocks) for block in level
@@ -125,18 +139,18 @@ class Decoder(nn.Module):
         level_outputs = []
         for i, level in enumerate(self.down_blocks):
             skip = next(effnet_iter) if inject[i] else None
-            for block in level:
-                x = _run_block(block, x, r_embed, kv_iter, skip)
+            for chain in self._chains(level):
+                x = _run_chain(chain, x, r_embed, kv_iter, skip)
             level_outputs.insert(0, x)
 
         for i, level in enumerate(self.up_blocks):
             effnet_skip = next(effnet_iter) if inject[len(inject) - 1 - i] else None
-            for j, block in enumerate(level):
+            for j, chain in enumerate(self._chains(level)):
                 skip = effnet_skip
                 if j == 0 and i > 0:
                     parts = [level_outputs[i]] + ([effnet_skip] if effnet_skip is not None else [])
                     skip = torch.cat(parts, dim=1)
-                x = _run_block(block, x, r_embed, kv_iter, skip)
+                x = _run_chain(chain, x, r_embed, kv_iter, skip)
 
         # The head divides by as little as 1e-3: it runs in fp32 and returns fp32 noise in every precision.
         a, b = self.clf(x).float().chunk(2, dim=1)
@@ -165,10 +179,15 @@ def resize_image_embeddings(
     )
 
 
-def _run_block(
-    block: nn.Module, x: torch.Tensor, r_embed: torch.Tensor, text_kv: Iterator[torch.Tensor],
+def _run_chain(
+    chain: tuple[nn.Module, ...], x: torch.Tensor, r_embed: torch.Tensor, text_kv: Iterator[torch.Tensor],
     skip: torch.Tensor | None,
 ) -> torch.Tensor:
+    """One block, or a chain of them fused (`fusable_chains`); `skip` goes to the chain's ResBlock."""
+    if len(chain) > 1:
+        kv = next(text_kv) if isinstance(chain[-1], AttnBlock) else None
+        return run_fused_chain(chain, x, r_embed, skip, kv)
+    block = chain[0]
     if isinstance(block, ResBlock):
         return block(x, skip)
     if isinstance(block, TimestepBlock):

@@ -6,11 +6,21 @@ import torch
 from torch import nn
 
 from engine.config import PriorConfig
-from engine.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
+from engine.models.blocks import (
+    AttnBlock,
+    LayerNorm2d,
+    ResBlock,
+    TimestepBlock,
+    run_fused_chain,
+    timestep_embedding,
+)
 
 
 class PriorLayer(nn.Module):
-    """One of the prior's `depth` layers: ResBlock, then timestep FiLM, then attention."""
+    """One of the prior's `depth` layers: ResBlock, then timestep FiLM, then attention. `fused` runs the
+    three as one chain (`run_fused_chain`)."""
+
+    fused = False
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -19,6 +29,8 @@ class PriorLayer(nn.Module):
         self.attn = AttnBlock(config.c, config.c, config.nhead)
 
     def forward(self, x: torch.Tensor, r_embed: torch.Tensor, text_kv: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return run_fused_chain((self.res, self.time, self.attn), x, r_embed, text_kv=text_kv)
         return self.attn(self.time(self.res(x), r_embed), text_kv)
 
 

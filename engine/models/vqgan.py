@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import VQGANConfig
-from engine.models.blocks import layer_norm, pixels
+from engine.models.blocks import layer_norm, pixels, unpixels
 
 # Parameters of the encoder half and the codebook: present in checkpoints, never used to decode.
 ENCODER_PREFIXES = ("in_block.", "down_blocks.", "vquantizer.")
@@ -21,9 +21,15 @@ class MixingResidualBlock(nn.Module):
     """A depthwise 3×3 conv (replicate padding) and a channel MLP, each after a LayerNorm modulated by
     the six learned scalars `gammas` and added to the input scaled by one of them.
 
-    `fused` runs each modulated LayerNorm as one Triton kernel (`kernels.norms.layer_norm_modulate`)."""
+    `fused` runs the modulated LayerNorms in Triton (`kernels.norms`): the first writing the conv's
+    replicate padding too, the second in one pass with the residual add before it. The scales g₂ and g₅
+    of the two branches are folded into the depthwise conv and the second Linear (`fold_for_fused`),
+    whose GEMM then adds its residual in its epilogue. `gemm_gelu` also runs the first Linear and the
+    GELU as one Triton GEMM (`kernels.matmul.linear_gelu`); it is off until a GPU measurement shows it
+    beating cuBLAS plus a separate GELU (`python -m benchmarks.fusions`)."""
 
     fused = False
+    gemm_gelu = False
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
@@ -32,20 +38,41 @@ class MixingResidualBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, channels)
         self.gammas = nn.Parameter(torch.zeros(6))
 
-    def _modulated_norm(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """LayerNorm(x)·(1 + scale) + shift, NHWC out."""
-        if self.fused:
-            from kernels.norms import layer_norm_modulate
-
-            return layer_norm_modulate(pixels(x), scale, shift, 1e-6).reshape(x.shape[0], *x.shape[2:], -1)
-        return layer_norm(x.permute(0, 2, 3, 1)) * (1 + scale) + shift
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self._fused_forward(x)
         g = self.gammas
-        h = self._modulated_norm(x, g[0], g[1]).permute(0, 3, 1, 2)
+        h = (layer_norm(x.permute(0, 2, 3, 1)) * (1 + g[0]) + g[1]).permute(0, 3, 1, 2)
         x = x + self.depthwise(F.pad(h, (1, 1, 1, 1), mode="replicate")) * g[2]
-        h = self._modulated_norm(x, g[3], g[4])
+        h = layer_norm(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]
         return x + self.fc2(F.gelu(self.fc1(h))).permute(0, 3, 1, 2) * g[5]
+
+    @torch.no_grad()
+    def fold_for_fused(self) -> None:
+        """g₂ · depthwise and g₅ · fc2 as weights of their own, for the fused forward: the gammas are
+        constants once the weights are loaded. Buffers, so that they follow the module's device and dtype,
+        but not saved with its state."""
+        g = self.gammas
+        self.register_buffer("depthwise_weight", self.depthwise.weight * g[2], persistent=False)
+        self.register_buffer("depthwise_bias", self.depthwise.bias * g[2], persistent=False)
+        self.register_buffer("fc2_weight", self.fc2.weight * g[5], persistent=False)
+        self.register_buffer("fc2_bias", self.fc2.bias * g[5], persistent=False)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from kernels.norms import layer_norm_modulate_pad, residual_norm
+
+        g = self.gammas
+        padded = layer_norm_modulate_pad(x.permute(0, 2, 3, 1), g[0], g[1], 1e-6).permute(0, 3, 1, 2)
+        branch = F.conv2d(padded, self.depthwise_weight, self.depthwise_bias, groups=self.depthwise.groups)
+        residual, h = residual_norm(pixels(x), pixels(branch), None, None, self.fc2_bias, g[3], g[4], 1e-6)
+        if self.gemm_gelu:
+            from kernels.matmul import linear_gelu
+
+            hidden = linear_gelu(h, self.fc1.weight, self.fc1.bias)
+        else:
+            hidden = F.gelu(self.fc1(h))
+        residual.view(-1, residual.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), self.fc2_weight.t())
+        return unpixels(residual, x)
 
 
 class VQGANDecoder(nn.Module):

@@ -1,0 +1,213 @@
+"""Which fusions ship: each fused kernel against the unfused ops it replaces, and each stage with the fast
+path's fusions switched on one group at a time, on one GPU at the shapes of a 1024² image.
+
+Kernels (median of CUDA events; GB/s from the bytes the fused kernel must move, TFLOP/s for GEMMs):
+- `linear_gelu` against cuBLAS's Linear and PyTorch's GELU at the VQGAN's two MLP shapes: the one
+  fusion that trades a cuBLAS GEMM for a Triton one, so it ships (`MixingResidualBlock.gemm_gelu`)
+  only if it wins here;
+- `layer_norm_modulate_pad` against the LayerNorm kernel and F.pad;
+- `residual_norm` and `residual_film` against the adds, FiLM and LayerNorm kernel they replace.
+
+Stages (prior step with its guidance batch, decoder step, VQGAN decode; random full-size weights),
+wall and kernel milliseconds, eager, kernel time by kind, and the relative difference of the output
+from `torch`'s:
+`torch` (the reference path), `kernels` (channels-last, and the attention and norm kernels with every
+block on its own; the VQGAN channels-last only), `torch-fast` (plus the chains of `run_fused_chain` and
+the VQGAN's fused blocks) and `torch-fast + linear_gelu`.
+
+    python -m benchmarks.fusions [--dtype fp16] [--size 1024] [--preset wuerstchen-v2] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import cuda_median_ms
+from benchmarks.kernel_profile import KINDS, profile
+from engine.config import WuerstchenConfig, preset
+from engine.device import DTYPES
+from engine.errors import WuerstchenError
+from engine.shapes import image_shapes
+
+
+def kernel_rows(config: WuerstchenConfig, size: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Each fused kernel against its unfused ops, at the shapes of a `size`² image."""
+    from kernels.matmul import linear_gelu
+    from kernels.norms import layer_norm_modulate, layer_norm_modulate_pad, residual_film, residual_norm
+
+    shapes = image_shapes(config, size, size, batch=1)
+    element = torch.finfo(dtype).bits // 8
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(shape, device=device, dtype=dtype) * scale
+
+    def film_glue(x, h, a, b):  # what `residual_norm` replaces: the add, the FiLM, the LayerNorm kernel
+        y = (x + h) * (1 + a[:, None]) + b[:, None]
+        return y, layer_norm_modulate(y, None, None, 1e-6)
+
+    rows = []
+    height, width = shapes.decoder_latent[2:]
+    embed = config.vqgan.embed_dim
+    for scale, channels in ((1, embed), (2, embed // 2)):  # the VQGAN's bottleneck level, then its 2× level
+        pixels, hidden = height * width * scale**2, 4 * channels
+        x, w, b = randn(pixels, channels), randn(hidden, channels, scale=channels**-0.5), randn(hidden)
+        rows.append(_compare(
+            f"linear + GELU, VQGAN {height * scale}×{width * scale}", (pixels, channels, hidden),
+            lambda x=x, w=w, b=b: F.gelu(F.linear(x, w, b)), lambda x=x, w=w, b=b: linear_gelu(x, w, b),
+            bytes_moved=element * (pixels * (channels + hidden) + channels * hidden),
+            flops=2 * pixels * channels * hidden))
+    image, g = randn(1, height, width, embed), randn(2)
+    rows.append(_compare(
+        f"LayerNorm + modulation + replicate pad, VQGAN {height}×{width}", tuple(image.shape),
+        lambda: F.pad(layer_norm_modulate(image.flatten(1, 2), g[0], g[1], 1e-6).reshape(image.shape)
+                      .permute(0, 3, 1, 2), (1, 1, 1, 1), mode="replicate"),
+        lambda: layer_norm_modulate_pad(image, g[0], g[1], 1e-6).permute(0, 3, 1, 2),
+        bytes_moved=element * embed * (height * width + (height + 2) * (width + 2))))
+
+    ph, pw = shapes.prior_latent[2:]
+    glue = {f"prior {ph}×{pw}, guidance batch": (2, ph * pw, config.prior.c, True)}
+    for (lh, lw), channels, kinds in zip(shapes.decoder_levels, config.decoder.c_hidden,
+                                         config.decoder.level_config, strict=True):
+        glue[f"decoder {lh}×{lw}"] = (1, lh * lw, channels, "A" in kinds)
+    for name, (batch, pixels, channels, attention) in glue.items():
+        x, h, bias = randn(batch, pixels, channels), randn(batch, pixels, channels), randn(channels)
+        a, b = randn(batch, channels, scale=0.1), randn(batch, channels, scale=0.1)
+        if attention:
+            rows.append(_compare(
+                f"residual + FiLM + LayerNorm, {name}", (batch, pixels, channels),
+                lambda x=x, h=h, a=a, b=b: film_glue(x, h, a, b),
+                lambda x=x, h=h, a=a, b=b, bias=bias: residual_norm(x, h, a, b, bias, None, None, 1e-6),
+                bytes_moved=4 * element * x.numel()))
+        else:
+            rows.append(_compare(
+                f"residual + FiLM, {name}", (batch, pixels, channels),
+                lambda x=x, h=h, a=a, b=b: (x + h) * (1 + a[:, None]) + b[:, None],
+                lambda x=x, h=h, a=a, b=b: residual_film(x, h, a, b), bytes_moved=3 * element * x.numel()))
+    return rows
+
+
+def _compare(name: str, shape: tuple, unfused, fused, bytes_moved: int, flops: int | None = None) -> dict:
+    expected, actual = unfused(), fused()
+    if isinstance(expected, tuple):  # `residual_norm`'s residual includes the bias that the GEMM adds unfused
+        expected, actual = expected[-1], actual[-1]
+    row = {"kernel": name, "shape": list(shape), "unfused_ms": cuda_median_ms(unfused),
+           "fused_ms": cuda_median_ms(fused), "max_diff": (actual.float() - expected.float()).abs().max().item()}
+    row["speedup"] = row["unfused_ms"] / row["fused_ms"]
+    row["fused_gb_per_s"] = bytes_moved / row["fused_ms"] / 1e6
+    if flops:
+        row["fused_tflop_per_s"] = flops / row["fused_ms"] / 1e9
+        row["unfused_tflop_per_s"] = flops / row["unfused_ms"] / 1e9
+    return row
+
+
+# variant: (the kernels and channels-last, the chains and folded residuals, linear_gelu in the VQGAN)
+VARIANTS = {
+    "torch": (False, False, False),
+    "kernels": (True, False, False),
+    "torch-fast": (True, True, False),
+    "torch-fast + linear_gelu": (True, True, True),
+}
+
+
+def stage_rows(preset_name: str, size: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Each stage's step (eager) in every variant of `VARIANTS`, on the preset's random weights."""
+    from engine import WuerstchenPipeline
+    from engine.models.blocks import use_attention, use_channels_last, use_fused_kernels
+    from engine.models.decoder import Decoder, resize_image_embeddings
+    from engine.models.prior import PriorLayer
+    from engine.models.vqgan import MixingResidualBlock
+
+    pipe = WuerstchenPipeline.from_preset(preset_name, device, dtype)
+    models = (pipe.prior, pipe.decoder, pipe.vqgan)
+    config = pipe.config
+    shapes = image_shapes(config, size, size, batch=1)
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=generator) * scale).to(device, dtype)
+
+    def switch(kind: type, name: str, value: bool) -> None:
+        for module in (module for model in models for module in model.modules()):
+            if isinstance(module, kind):
+                setattr(module, name, value)
+
+    x, xd = randn(2, *shapes.prior_latent[1:]), randn(*shapes.decoder_latent)
+    r = randn(2).abs().clamp(max=1)
+    text, clip = randn(2, 77, config.prior.c_cond), randn(1, 77, config.decoder.clip_embd)
+    embedding = randn(*shapes.prior_latent, scale=30)
+    rows, references = [], {}  # the torch variant's output of each stage
+    with torch.inference_mode():
+        for variant, (kernels, chains, gemm_gelu) in VARIANTS.items():
+            if kernels and not pipe.prior.channels_last:
+                for model in models:
+                    use_attention(model, "triton")
+                    use_fused_kernels(model)
+                    use_channels_last(model)
+            for kind in (PriorLayer, Decoder, MixingResidualBlock):
+                switch(kind, "fused", chains)
+            switch(MixingResidualBlock, "gemm_gelu", gemm_gelu)
+            kv = pipe.prior.condition(text)
+            decoder_kv, effnet = pipe.decoder.condition(
+                resize_image_embeddings(embedding, config.decoder, shapes.decoder_levels), clip)
+            steps = {"prior step": lambda kv=kv: pipe.prior(x, r, kv),
+                     "decoder step": lambda kv=decoder_kv, effnet=effnet: pipe.decoder(xd, r[:1], kv, effnet),
+                     "VQGAN decode": lambda: pipe.vqgan(xd)}
+            for stage, step in steps.items():
+                if gemm_gelu and stage != "VQGAN decode":  # linear_gelu only changes the VQGAN
+                    continue
+                output = step().float()
+                reference = references.setdefault(stage, output)
+                difference = ((output - reference).norm() / reference.norm()).item()
+                rows.append({"stage": stage, "variant": variant, "relative_difference": difference, **profile(step)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", default="fp16", help="fp16 (default) or bf16")
+    parser.add_argument("--size", type=int, default=1024, help="image side (default 1024)")
+    parser.add_argument("--preset", default="wuerstchen-v2", help="architecture (default wuerstchen-v2)")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows, with provenance, as JSON")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise WuerstchenError("benchmarks.fusions times GPU kernels: no CUDA GPU is available here")
+    from benchmarks.bench import provenance
+
+    device, dtype = torch.device("cuda"), DTYPES[args.dtype]
+    origin = provenance(device)
+    print(f"{origin['device']} · torch {origin['versions']['torch']} · triton {origin['versions']['triton']} · "
+          f"{args.dtype} · {origin['date']}")
+    kernels = kernel_rows(preset(args.preset), args.size, device, dtype)
+    print(f"\n{'kernel':<52}{'unfused µs':>11}{'fused µs':>10}{'speedup':>9}{'GB/s':>7}{'TFLOP/s':>9}{'max diff':>10}")
+    for row in kernels:
+        tflops = f"{row['fused_tflop_per_s']:>9.0f}" if "fused_tflop_per_s" in row else f"{'':>9}"
+        print(f"{row['kernel']:<52}{row['unfused_ms'] * 1e3:>11.1f}{row['fused_ms'] * 1e3:>10.1f}"
+              f"{row['speedup']:>8.2f}×{row['fused_gb_per_s']:>7.0f}{tflops}{row['max_diff']:>10.1e}")
+    gemm = [row for row in kernels if row["kernel"].startswith("linear + GELU")]
+    verdict = "wins" if all(row["speedup"] > 1 for row in gemm) else "does not win"
+    print(f"linear_gelu {verdict} against cuBLAS + GELU at both VQGAN shapes: "
+          f"{'ship' if verdict == 'wins' else 'keep off'} MixingResidualBlock.gemm_gelu")
+
+    stages = stage_rows(args.preset, args.size, device, dtype)
+    kinds = [kind for kind, _ in KINDS] + ["elementwise/other"]
+    print(f"\n{'stage':<15}{'variant':<27}{'wall ms':>9}{'kernel ms':>11}{'kernels':>9}{'vs torch':>10}"
+          + "".join(f"{kind:>14}" for kind in kinds))
+    for row in stages:
+        print(f"{row['stage']:<15}{row['variant']:<27}{row['wall_ms']:>9.2f}{row['kernel_ms']:>11.2f}"
+              f"{row['kernels']:>9}{row['relative_difference']:>10.1e}"
+              + "".join(f"{row['by_kind_ms'].get(kind, 0.0):>14.2f}" for kind in kinds))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"provenance": origin, "preset": args.preset, "dtype": args.dtype, "size": args.size,
+                       "kernels": kernels,
+                       "stages": stages}, file, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
