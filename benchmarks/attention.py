@@ -2,7 +2,8 @@
 
 The shapes are those of a 1024² image: the prior's 24² latent with its guidance batch of 2, and the
 decoder's three attention levels (64², 32², 16²); keys are the image tokens plus 77 text tokens.
-TFLOP/s = 4 · batch · heads · Nq · Nk · 64 / time (QKᵀ and PV), median of CUDA-event timings.
+TFLOP/s = 4 · batch · heads · Nq · Nk · 64 / time (QKᵀ and PV), median of CUDA-event timings. SDPA gets
+the keys and values joined; the kernel reads the image's and the text's from two tensors, as in the blocks.
 
     python -m benchmarks.attention [--dtype fp16|bf16] [--size 1024] [--json FILE]
 """
@@ -60,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         k, v = (torch.randn(batch, heads, keys, HEAD_DIM, device=device, dtype=dtype) for _ in range(2))
         flops = 4 * batch * heads * queries * keys * HEAD_DIM
         inputs = (q, k, v)
+        # As the blocks call it: the image's keys and values, then the text's, from two tensors each.
+        split = (q, k[:, :, :queries], v[:, :, :queries], k[:, :, queries:], v[:, :, queries:])
         sdpa_ms = cuda_median_ms(lambda inputs=inputs: torch.nn.functional.scaled_dot_product_attention(*inputs))
-        triton_ms = cuda_median_ms(lambda inputs=inputs: attention(*inputs))
-        difference = (attention(*inputs).float() - torch.nn.functional.scaled_dot_product_attention(*inputs).float()
+        triton_ms = cuda_median_ms(lambda split=split: attention(*split))
+        difference = (attention(*split).float() - torch.nn.functional.scaled_dot_product_attention(*inputs).float()
                       ).abs().max().item()
         row = {"shape": name, "batch": batch, "heads": heads, "queries": queries, "keys": keys, "dtype": args.dtype,
                "sdpa_us": sdpa_ms * 1e3, "sdpa_tflops": flops / sdpa_ms / 1e9, "triton_us": triton_ms * 1e3,

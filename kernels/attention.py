@@ -3,7 +3,9 @@
 Every attention block of the prior and the decoder attends from the image tokens (Nq = h·w) to the image
 tokens followed by the 77 text tokens (Nk = Nq + 77), with head dim 64. Neither length is a multiple of
 a block, so the kernel masks both edges. Softmax is online (one pass over the keys) in fp32, with the
-1/√d scale folded into a base-2 exponent.
+1/√d scale folded into a base-2 exponent. The image's keys come from the step's fused projection and the
+text's from the projection made once per request; the kernel reads each where it is, one after the
+other, so that no step concatenates them.
 
 `attention` is registered as the PyTorch custom op `wuerstchen::attention`, opaque to `torch.compile`
 (fullgraph) and `torch.export`. (`torch.library.triton_op` would let inductor see inside, but it does not
@@ -25,32 +27,51 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @triton.jit
 def _attention_forward(
-    Q, K, V, Out,
+    Q, K, V, TextK, TextV, Out,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_tkb, stride_tkh, stride_tkn,
+    stride_tvb, stride_tvh, stride_tvn,
     stride_ob, stride_oh, stride_on,
-    heads, queries, keys, scale_log2,
+    heads, queries, keys, text_keys, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, TEXT: tl.constexpr,
 ):
-    # One program: BLOCK_M queries of one (batch, head), over every key block.
+    # One program: BLOCK_M queries of one (batch, head), over every key block of K, then of TextK.
     block = tl.program_id(0)
     batch_head = tl.program_id(1)
     batch, head = batch_head // heads, batch_head % heads
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qn + dims[None, :],
                 mask=rows[:, None] < queries, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
-
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, row_max, row_sum = _attend(
+        acc, row_max, row_sum, q, K + batch * stride_kb + head * stride_kh, V + batch * stride_vb + head * stride_vh,
+        stride_kn, stride_vn, keys, scale_log2, HEAD_DIM, BLOCK_N, PRECISION, UPCAST)
+    if TEXT:
+        acc, row_max, row_sum = _attend(
+            acc, row_max, row_sum, q, TextK + batch * stride_tkb + head * stride_tkh,
+            TextV + batch * stride_tvb + head * stride_tvh, stride_tkn, stride_tvn, text_keys, scale_log2, HEAD_DIM,
+            BLOCK_N, PRECISION, UPCAST)
+    out = acc / row_sum[:, None]
+    tl.store(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_on + dims[None, :],
+             out.to(Out.dtype.element_ty), mask=rows[:, None] < queries)
+
+
+@triton.jit
+def _attend(
+    acc, row_max, row_sum, q, k_base, v_base, stride_kn, stride_vn, keys, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    # The online softmax carried over one source of `keys` keys and values; returns the updated state.
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
     for start in range(0, keys, BLOCK_N):
         key = start + cols
         k = tl.load(k_base + key[None, :] * stride_kn + dims[:, None], mask=key[None, :] < keys, other=0.0)
@@ -67,14 +88,21 @@ def _attention_forward(
             v = v.to(tl.float32)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         row_max = new_max
-    out = acc / row_sum[:, None]
-    tl.store(Out + batch * stride_ob + head * stride_oh + rows[:, None] * stride_on + dims[None, :],
-             out.to(Out.dtype.element_ty), mask=rows[:, None] < queries)
+    return acc, row_max, row_sum
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_k: torch.Tensor | None,
+           text_v: torch.Tensor | None) -> None:
     """The kernel's envelope: 4-D (B, heads, N, d) tensors, d in `HEAD_DIMS`, of one dtype of `DTYPES` on one
-    device, with keys and values of one shape."""
+    device, with keys and values of one shape; the text's keys and values as k and v, or neither."""
+    if (text_k is None) != (text_v is None):
+        raise ValueError("attention: give both text_k and text_v, or neither")
+    if text_k is not None:
+        _check_pair(q, text_k, text_v)
+    _check_pair(q, k, v)
+
+
+def _check_pair(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: expected 4-D (batch, heads, tokens, head dim) tensors, got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -94,14 +122,18 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 @torch.library.custom_op("wuerstchen::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_k: torch.Tensor | None = None,
+              text_v: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) and k, v (B, heads, Nk, d): any Nq and Nk, d in 16, 32,
-    64 (Würstchen's) or 128, in fp16, bf16 or fp32. Returns (B, heads, Nq, d) in q's dtype, the heads-major
-    view of a (B, Nq, heads, d) tensor; raises ValueError outside that envelope."""
-    _check(q, k, v)
+    64 (Würstchen's) or 128, in fp16, bf16 or fp32. With text_k and text_v (B, heads, Nt, d), the keys and
+    values are k then text_k and v then text_v, read where they are instead of concatenated. Returns
+    (B, heads, Nq, d) in q's dtype, the heads-major view of a (B, Nq, heads, d) tensor; raises ValueError
+    outside that envelope."""
+    _check(q, k, v, text_k, text_v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    text = text_k is not None
+    text_k, text_v = (t if t.stride(-1) == 1 else t.contiguous() for t in (text_k, text_v)) if text else (k, v)
     batch, heads, queries, head_dim = q.shape
-    keys = k.shape[2]
     out = _output_like(q)
     # Triton's CPU interpreter multiplies bf16 tiles wrongly (NumPy has no bf16): there, products take fp32.
     upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
@@ -110,20 +142,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     block_m, block_n = (64, 64) if q.dtype != torch.float32 else (32, 32)
     grid = (triton.cdiv(queries, block_m), batch * heads)
     _attention_forward[grid](
-        q, k, v, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, queries, keys, head_dim**-0.5 * 1.4426950408889634,  # log2(e): exp(x) = exp2(x·log2 e)
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, UPCAST=upcast,
+        q, k, v, text_k, text_v, out,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *text_k.stride()[:3], *text_v.stride()[:3],
+        *out.stride()[:3],
+        heads, queries, k.shape[2], text_k.shape[2] if text else 0,
+        head_dim**-0.5 * 1.4426950408889634,  # log2(e): exp(x) = exp2(x·log2 e)
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, UPCAST=upcast, TEXT=text,
     )
     return out
 
 
 @attention.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    _check(q, k, v)
+def _(q, k, v, text_k=None, text_v=None):
+    _check(q, k, v, text_k, text_v)
     return _output_like(q)
 
 
@@ -134,8 +165,11 @@ def _output_like(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(batch, queries, heads, head_dim).transpose(1, 2)
 
 
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_k: torch.Tensor | None = None,
+                  text_v: torch.Tensor | None = None) -> torch.Tensor:
     """The same attention in PyTorch: scores and softmax in fp32 (fp64 for fp64 inputs), output in q's dtype."""
+    if text_k is not None:
+        k, v = torch.cat([k, text_k], dim=2), torch.cat([v, text_v], dim=2)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * q.shape[-1] ** -0.5
     return (scores.softmax(dim=-1) @ v.to(compute)).to(q.dtype)

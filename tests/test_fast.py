@@ -41,6 +41,21 @@ def test_kernel_matches_the_fp64_reference(shape, dtype):
     assert kernel_error <= 2 * torch_error + ATOL[dtype], (kernel_error, torch_error)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 2, 713, 77, 64), (1, 3, 5, 77, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_kernel_reads_the_text_keys_where_they_are(shape, dtype):
+    """Image keys and text keys from two tensors give the attention over the two concatenated."""
+    batch, heads, queries, text, head_dim = shape
+    q, k, v = _inputs(batch, heads, queries, queries, head_dim, seed=1)
+    text_k, text_v = (t * 2 for t in _inputs(batch, heads, text, text, head_dim, seed=2)[1:])
+    exact = attention_ref(*(t.double() for t in (q, k, v, text_k, text_v)))
+    low = [t.to(dtype) for t in (q, k, v, text_k, text_v)]
+    kernel_error = (attention(*low).double() - exact).abs().max().item()
+    joined = torch.nn.functional.scaled_dot_product_attention(low[0], torch.cat(low[1::2], 2), torch.cat(low[2::2], 2))
+    torch_error = (joined.double() - exact).abs().max().item()
+    assert kernel_error <= 2 * torch_error + ATOL[dtype], (kernel_error, torch_error)
+
+
 def test_kernel_takes_strided_views_as_the_attention_block_makes_them():
     qkv = torch.randn(2, 100, 3 * 128, device=DEVICE)  # (B, N, 3C) of one fused projection, C = 2 heads × 64
     q, k, v = (t.unflatten(-1, (2, 64)).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
@@ -63,6 +78,14 @@ def test_kernel_refuses_what_it_does_not_cover(q_shape, k_shape, dtypes, message
         (q_shape, k_shape, k_shape), dtypes, strict=True))
     with pytest.raises(ValueError, match=message):
         attention(q, k, v)
+
+
+def test_kernel_refuses_text_keys_without_values_or_of_another_shape():
+    q, k, v = _inputs(1, 2, 10, 10, 64)
+    with pytest.raises(ValueError, match="give both text_k and text_v, or neither"):
+        attention(q, k, v, k, None)
+    with pytest.raises(ValueError, match=r"expected the same batch and heads"):
+        attention(q, k, v, k[:, :1], v[:, :1])
 
 
 def test_custom_op_traces_whole_under_compile_and_export():

@@ -21,14 +21,18 @@ from torch import nn
 from engine.errors import WuerstchenError
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) and k, v (B, heads, Nk, d), by PyTorch's fused kernels."""
-    return F.scaled_dot_product_attention(q, k, v)
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_k: torch.Tensor,
+                   text_v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) over the image's keys and values k, v (B, heads, Nq, d)
+    followed by the text's (B, heads, 77, d), by PyTorch's fused kernels."""
+    return F.scaled_dot_product_attention(q, torch.cat([k, text_k], dim=2), torch.cat([v, text_v], dim=2))
 
 
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_k: torch.Tensor,
+                       text_v: torch.Tensor) -> torch.Tensor:
     """The same attention as two matmuls around a softmax taken in fp32: the form exported to ONNX,
     where a fused kernel's internal fp32 would otherwise be lost in fp16 graphs."""
+    k, v = torch.cat([k, text_k], dim=2), torch.cat([v, text_v], dim=2)
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
@@ -36,7 +40,7 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
 ATTENTION = ("sdpa", "explicit", "triton")
 
 
-def attention_function(name: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def attention_function(name: str) -> Callable[..., torch.Tensor]:
     """An attention implementation by name: "sdpa" (PyTorch's fused kernels, the default), "explicit" (the
     exported form) or "triton" (this project's kernel, `kernels.attention`)."""
     if name == "sdpa":
@@ -222,7 +226,7 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int, c_cond: int, nhead: int):
         super().__init__()
         self.nhead = nhead
-        self.attention = sdpa_attention  # softmax(q kᵀ / √d) v over heads; see `use_attention`
+        self.attention = sdpa_attention  # (q, k, v, text k, text v) → softmax(q kᵀ / √d) v; see `use_attention`
         self.norm = LayerNorm2d()
         self.kv_mapper = nn.Linear(c_cond, channels)  # applied after a SiLU
         self.qkv = nn.Linear(channels, 3 * channels)  # diffusers' to_q, to_k, to_v, stacked
@@ -252,9 +256,7 @@ class AttnBlock(nn.Module):
         projection."""
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)
         text_k, text_v = text_kv.chunk(2, dim=-1)
-        k = torch.cat([k, text_k], dim=1)
-        v = torch.cat([v, text_v], dim=1)
-        heads = [t.unflatten(-1, (self.nhead, -1)).transpose(1, 2) for t in (q, k, v)]
+        heads = [t.unflatten(-1, (self.nhead, -1)).transpose(1, 2) for t in (q, k, v, text_k, text_v)]
         return self.attention(*heads).transpose(1, 2).flatten(2)
 
 
