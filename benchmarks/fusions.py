@@ -119,7 +119,7 @@ def stage_rows(preset_name: str, size: int, device: torch.device, dtype: torch.d
     from engine import WuerstchenPipeline
     from engine.models.blocks import use_attention, use_channels_last, use_fused_kernels
     from engine.models.decoder import Decoder, resize_image_embeddings
-    from engine.models.prior import PriorLayer
+    from engine.models.prior import Prior
     from engine.models.vqgan import MixingResidualBlock
 
     pipe = WuerstchenPipeline.from_preset(preset_name, device, dtype)
@@ -148,7 +148,7 @@ def stage_rows(preset_name: str, size: int, device: torch.device, dtype: torch.d
                     use_attention(model, "triton")
                     use_fused_kernels(model)
                     use_channels_last(model)
-            for kind in (PriorLayer, Decoder, MixingResidualBlock):
+            for kind in (Prior, Decoder, MixingResidualBlock):
                 switch(kind, "fused", chains)
             switch(MixingResidualBlock, "gemm_gelu", gemm_gelu)
             kv = pipe.prior.condition(text)

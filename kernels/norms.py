@@ -121,8 +121,9 @@ def _launch_residual_norm(
     if branch is not None and (branch.shape != x.shape or branch.dtype != x.dtype):
         raise ValueError(f"{name}: branch {tuple(branch.shape)} {branch.dtype}: expected x's shape and dtype, "
                          f"{tuple(x.shape)} {x.dtype}")
+    add = branch is not None
     x = x.contiguous()
-    branch = x if branch is None else branch.contiguous()
+    branch = branch.contiguous() if add else x  # x stands in for pointers the kernel does not read
     film_scale, film_shift = (_per_batch_channel(t, batch, channels) for t in film) if film else (x[0], x[0])
     scale, shift = (_per_batch_channel(t, batch, channels) for t in modulation) if modulation else (x[0], x[0])
     residual_out = torch.empty_like(x) if residual else None
@@ -137,14 +138,15 @@ def _launch_residual_norm(
         batch * pixels, pixels, pad_width or 1, channels, eps,
         film_scale.stride(0), film_scale.stride(1), film_shift.stride(0), film_shift.stride(1),
         scale.stride(0), scale.stride(1), shift.stride(0), shift.stride(1),
-        BLOCK_R=block_r, BLOCK_C=block_c, ADD=branch is not x, FILM=film is not None, BIAS=bias is not None,
+        BLOCK_R=block_r, BLOCK_C=block_c, ADD=add, FILM=film is not None, BIAS=bias is not None,
         RESIDUAL=residual, NORM=norm, MODULATE=modulation is not None, PAD=pad_width is not None,
         num_warps=8 if block_c > 1024 else 4,
     )
     return residual_out, normed_out
 
 
-def _pair(name: str, scale: torch.Tensor | None, shift: torch.Tensor | None):
+def _pair(name: str, scale: torch.Tensor | None,
+          shift: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     if (scale is None) != (shift is None):
         raise ValueError(f"{name}: give both scale and shift, or neither")
     return None if scale is None else (scale, shift)
@@ -304,6 +306,31 @@ def _grn_sum_squares(
 
 
 @triton.jit
+def _grn_scale(Partial, Scale, splits, channels, BLOCK_C: tl.constexpr):
+    # One program per image: n / (mean n + 1e-6) for its channels' norms n, one launch where PyTorch needs
+    # five small ones. The norms are taken twice from the (small) partial sums, so nothing written is read.
+    batch = tl.program_id(0)
+    total = 0.0
+    for start in range(0, channels, BLOCK_C):
+        total += tl.sum(_grn_norm(Partial, batch, start, splits, channels, BLOCK_C))
+    mean = total / channels
+    for start in range(0, channels, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C)
+        norm = _grn_norm(Partial, batch, start, splits, channels, BLOCK_C)
+        tl.store(Scale + batch * channels + cols, norm / (mean + 1e-6), mask=cols < channels)
+
+
+@triton.jit
+def _grn_norm(Partial, batch, start, splits, channels, BLOCK_C: tl.constexpr):
+    # The L2 norms of BLOCK_C channels from `start`: their partial sums of squares added in split order.
+    cols = start + tl.arange(0, BLOCK_C)
+    sum_squares = tl.zeros([BLOCK_C], tl.float32)
+    for split in range(splits):
+        sum_squares += tl.load(Partial + (batch * splits + split) * channels + cols, mask=cols < channels, other=0.0)
+    return tl.sqrt(sum_squares)
+
+
+@triton.jit
 def _grn_apply(Y, Scale, Gamma, Beta, pixels, channels, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     batch, row_block, channel_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -335,8 +362,8 @@ def global_response_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tenso
     partial = torch.empty(batch, splits, channels, device=x.device, dtype=torch.float32)
     _grn_sum_squares[(batch, triton.cdiv(channels, block_c), splits)](
         x, y, partial, pixels, channels, per_split, splits, BLOCK_N=block_n, BLOCK_C=block_c, GELU=gelu)
-    norm = partial.sum(dim=1).sqrt()
-    scale = (norm / (norm.mean(dim=-1, keepdim=True) + 1e-6)).contiguous()
+    scale = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
+    _grn_scale[(batch,)](partial, scale, splits, channels, BLOCK_C=1024)
     _grn_apply[(batch, triton.cdiv(pixels, block_n), triton.cdiv(channels, block_c))](
         y, scale, gamma.reshape(-1), beta.reshape(-1), pixels, channels, BLOCK_N=block_n, BLOCK_C=block_c)
     return y

@@ -13,6 +13,7 @@ from engine import preset
 from engine.models.blocks import (
     AttnBlock,
     ResBlock,
+    StackedFiLM,
     TimestepBlock,
     fusable_chains,
     use_channels_last,
@@ -93,9 +94,10 @@ def test_layer_norm_modulate_pad_matches_its_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("gelu", [False, True], ids=["grn", "gelu+grn"])
 def test_global_response_norm_matches_its_reference(shape, dtype, gelu):
+    """Channels beyond one block of the norms' finishing kernel (1,536 > 1,024) included."""
     generator = torch.Generator().manual_seed(1)
     x = (torch.randn(shape, generator=generator) * 2).to(DEVICE)
     gamma, beta = (torch.randn(shape[-1], generator=generator).to(DEVICE) for _ in range(2))
@@ -123,6 +125,13 @@ def test_residual_film_matches_its_reference(shape, dtype):
     scale, shift = (torch.randn(batch, channels, generator=generator).to(DEVICE) * 0.5 for _ in range(2))
     kernel_error, torch_error = _errors(residual_film, residual_film_ref, [x, branch, scale, shift], dtype)
     assert _within_rule(kernel_error, torch_error, dtype), (kernel_error, torch_error)
+
+
+def test_residual_kernels_add_a_branch_that_is_the_input_itself():
+    x = torch.randn(2, 35, 24, device=DEVICE)
+    residual, normed = residual_norm(x, x, None, None, None, None, None, 1e-6)
+    assert torch.allclose(residual, 2 * x)
+    assert torch.allclose(normed, layer_norm_modulate_ref(2 * x, None, None, 1e-6), atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
@@ -200,18 +209,22 @@ def test_fused_stages_trace_whole_under_compile():
     """The torch-compile backend's view: every op of the fused stages, in-place GEMM epilogues included,
     in one graph."""
     config = preset("tiny")
-    prior, vqgan = (_perturbed(model, 12) for model in (Prior(config.prior), VQGANDecoder(config.vqgan)))
-    for model in (prior, vqgan):
+    shapes = image_shapes(config, 128, 128, batch=2)
+    prior, decoder, vqgan = (_perturbed(model, 12) for model in (
+        Prior(config.prior), Decoder(config.decoder), VQGANDecoder(config.vqgan)))
+    for model in (prior, decoder, vqgan):
         use_fused_kernels(model)
         use_channels_last(model)
     for block in vqgan.modules():
         if isinstance(block, MixingResidualBlock):
             block.gemm_gelu = True
-    x, r = torch.randn(2, 16, 6, 9, device=DEVICE), torch.rand(2, device=DEVICE)
-    latent = torch.randn(1, 4, 12, 10, device=DEVICE)
+    x, r = torch.randn(shapes.prior_latent, device=DEVICE), torch.rand(2, device=DEVICE)
+    latent = torch.randn(shapes.decoder_latent, device=DEVICE)
     with torch.no_grad():
         kv = prior.condition(torch.randn(2, 77, 32, device=DEVICE))
-        for model, inputs in ((prior, (x, r, kv)), (vqgan, (latent,))):
+        pyramid = resize_image_embeddings(x, config.decoder, shapes.decoder_levels)
+        decoder_kv, effnet = decoder.condition(pyramid, torch.randn(2, 77, 24, device=DEVICE))
+        for model, inputs in ((prior, (x, r, kv)), (decoder, (latent, r, decoder_kv, effnet)), (vqgan, (latent,))):
             compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
             assert torch.allclose(compiled(*inputs), model(*inputs), atol=1e-5)
     torch._dynamo.reset()
@@ -243,6 +256,18 @@ def test_fused_channels_last_blocks_equal_the_plain_ones(dtype):
             expected = plain(*arguments)
             actual = fused(*(a.contiguous(memory_format=torch.channels_last) for a in arguments))
         assert ((actual.float() - expected.float()).norm() / expected.float().norm()).item() < bound
+
+
+def test_stacked_film_gives_every_block_its_own_modulation():
+    blocks = [_perturbed(TimestepBlock(channels, 8), seed) for seed, channels in enumerate((16, 24, 16))]
+    r_embed = torch.randn(3, 8, device=DEVICE)
+    with torch.no_grad():
+        films = list(StackedFiLM(blocks)(r_embed))
+        assert len(films) == 3
+        for block, (a, b) in zip(blocks, films, strict=True):
+            expected_a, expected_b = block.modulation(r_embed)
+            assert a.shape == expected_a.shape and torch.allclose(a, expected_a, atol=1e-6)
+            assert torch.allclose(b, expected_b, atol=1e-6)
 
 
 def test_chains_group_each_resblock_with_the_film_and_attention_after_it():

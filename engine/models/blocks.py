@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ def use_fused_kernels(module: nn.Module) -> None:
 
     Blocks whose fused forward reads folded copies of their weights (`fold_for_fused`) compute them now:
     call this after the weights are loaded."""
-    for block in module.modules():
+    for block in list(module.modules()):  # folding may add modules
         if hasattr(block, "fused"):
             block.fused = True
         if hasattr(block, "fold_for_fused"):
@@ -173,13 +173,35 @@ class TimestepBlock(nn.Module):
         self.mapper = nn.Linear(c_r, 2 * channels)
 
     def forward(self, x: torch.Tensor, r_embed: torch.Tensor) -> torch.Tensor:
-        a, b = self.modulation(r_embed)
+        return self.modulate(x, *self.modulation(r_embed))
+
+    @staticmethod
+    def modulate(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """x · (1 + a) + b for x (B, C, H, W) and a, b (B, C)."""
         return x * (1 + a[:, :, None, None]) + b[:, :, None, None]
 
     def modulation(self, r_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The FiLM's scale a and shift b, (batch, channels) each."""
         a, b = self.mapper(r_embed).chunk(2, dim=1)
         return a, b
+
+
+class StackedFiLM(nn.Module):
+    """The FiLMs of many TimestepBlocks from one GEMM: their mappers stacked into one weight when the
+    fused path is set up (after loading), so that a step makes one launch where it made one per block.
+    Called with a step's r_embed, it yields each block's (a, b), in the order of `blocks`."""
+
+    def __init__(self, blocks: Sequence[TimestepBlock]):
+        super().__init__()
+        self.sizes = [block.mapper.out_features for block in blocks]
+        weight, bias = (torch.cat([getattr(block.mapper, name).detach() for block in blocks]) for name in
+                        ("weight", "bias"))
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, r_embed: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        films = F.linear(r_embed, self.weight, self.bias).split(self.sizes, dim=1)
+        return iter([tuple(film.chunk(2, dim=1)) for film in films])
 
 
 class ResBlock(nn.Module):
@@ -248,8 +270,9 @@ class AttnBlock(nn.Module):
         `residual` is x plus the output projection's bias. The projection accumulates into `residual`, in
         place, in its GEMM's epilogue, and returns it."""
         o = self._attend(normed, text_kv)
-        return residual.view(-1, o.shape[-1]).addmm_(o.reshape(-1, o.shape[-1]), self.out.weight.t()) \
-            .view_as(residual)
+        channels = o.shape[-1]
+        residual.view(-1, channels).addmm_(o.reshape(-1, channels), self.out.weight.t())
+        return residual
 
     def _attend(self, tokens: torch.Tensor, text_kv: torch.Tensor) -> torch.Tensor:
         """Attention over normed image tokens (B, N, C) and the text's keys and values, before the output
@@ -274,18 +297,19 @@ def fusable_chains(blocks: Sequence[nn.Module]) -> list[tuple[nn.Module, ...]]:
 
 
 def run_fused_chain(
-    chain: tuple[nn.Module, ...], x: torch.Tensor, r_embed: torch.Tensor, skip: torch.Tensor | None = None,
-    text_kv: torch.Tensor | None = None,
+    chain: tuple[nn.Module, ...], x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor],
+    skip: torch.Tensor | None = None, text_kv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ResBlock → TimestepBlock [→ AttnBlock] with the glue between them fused. The ResBlock's residual add,
     the FiLM and the attention's LayerNorm are one pass over the activations (`kernels.norms.residual_norm`,
     or `residual_film` without attention), and the attention's output projection adds its residual and
     bias in its GEMM. Unfused (two adds, the FiLM's multiply and add, the LayerNorm), this glue reads or
-    writes the activations twelve times; here five: four in the kernel, one in the GEMM's epilogue."""
+    writes the activations twelve times; here five: four in the kernel, one in the GEMM's epilogue.
+    `film` is the TimestepBlock's (a, b) for this step (`StackedFiLM`)."""
     from kernels.norms import residual_film, residual_norm
 
-    res, time, *attn = chain
-    a, b = time.modulation(r_embed)
+    res, _, *attn = chain
+    a, b = film
     branch = res.branch(x, skip)
     if not attn:
         return unpixels(residual_film(pixels(x), branch, a, b), x)

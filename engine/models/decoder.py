@@ -14,6 +14,7 @@ from engine.models.blocks import (
     AttnBlock,
     LayerNorm2d,
     ResBlock,
+    StackedFiLM,
     TimestepBlock,
     fusable_chains,
     layer_norm,
@@ -29,7 +30,8 @@ class Decoder(nn.Module):
     down-sampler first and the up-sampler last; `effnet_mappers` has one entry per level on the way
     down and one per level on the way up (deepest first), `None` where the level takes no embedding.
     With `channels_last` (see `use_channels_last`) the latents enter in channels-last layout; `fused` runs
-    each ResBlock with the TimestepBlock and AttnBlock after it as one chain (`run_fused_chain`).
+    each ResBlock with the TimestepBlock and AttnBlock after it as one chain (`run_fused_chain`), with
+    every TimestepBlock's FiLM from one GEMM (`StackedFiLM`).
     """
 
     channels_last = False
@@ -96,10 +98,13 @@ class Decoder(nn.Module):
     def _chains(self, level: nn.ModuleList) -> list[tuple[nn.Module, ...]]:
         return fusable_chains(level) if self.fused else [(block,) for block in level]
 
-    def _attention_blocks(self) -> list[AttnBlock]:
-        """The attention blocks in the order `forward` runs them."""
-        return [block for level in (*self.down_blocks, *self.up_blocks) for block in level
-                if isinstance(block, AttnBlock)]
+    def _blocks(self, kind: type) -> list[nn.Module]:
+        """The blocks of one kind in the order `forward` runs them."""
+        return [block for level in (*self.down_blocks, *self.up_blocks) for block in level if isinstance(block, kind)]
+
+    def fold_for_fused(self) -> None:
+        """Stack the TimestepBlocks' FiLM mappers for the fused forward (see `use_fused_kernels`)."""
+        self.films = StackedFiLM(self._blocks(TimestepBlock))
 
     def condition(
         self, pyramid: tuple[torch.Tensor, ...], text: torch.Tensor
@@ -111,7 +116,7 @@ class Decoder(nn.Module):
         """
         clip = self.clip_mapper(text)
         clip = layer_norm(clip)
-        text_kv = tuple(block.text_kv(clip) for block in self._attention_blocks())
+        text_kv = tuple(block.text_kv(clip) for block in self._blocks(AttnBlock))
         levels = len(self.config.c_hidden)
         injected = injected_levels(self.config)
         effnet = tuple(
@@ -132,6 +137,7 @@ class Decoder(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         r_embed = timestep_embedding(r, self.config.c_r)
+        films = self.films(r_embed) if self.fused else None
         kv_iter, effnet_iter = iter(text_kv), iter(effnet)
 
         x_in = x
@@ -140,7 +146,7 @@ class Decoder(nn.Module):
         for i, level in enumerate(self.down_blocks):
             skip = next(effnet_iter) if inject[i] else None
             for chain in self._chains(level):
-                x = _run_chain(chain, x, r_embed, kv_iter, skip)
+                x = _run_chain(chain, x, r_embed, films, kv_iter, skip)
             level_outputs.insert(0, x)
 
         for i, level in enumerate(self.up_blocks):
@@ -150,7 +156,7 @@ class Decoder(nn.Module):
                 if j == 0 and i > 0:
                     parts = [level_outputs[i]] + ([effnet_skip] if effnet_skip is not None else [])
                     skip = torch.cat(parts, dim=1)
-                x = _run_chain(chain, x, r_embed, kv_iter, skip)
+                x = _run_chain(chain, x, r_embed, films, kv_iter, skip)
 
         # The head divides by as little as 1e-3: it runs in fp32 and returns fp32 noise in every precision.
         a, b = self.clf(x).float().chunk(2, dim=1)
@@ -180,18 +186,20 @@ def resize_image_embeddings(
 
 
 def _run_chain(
-    chain: tuple[nn.Module, ...], x: torch.Tensor, r_embed: torch.Tensor, text_kv: Iterator[torch.Tensor],
+    chain: tuple[nn.Module, ...], x: torch.Tensor, r_embed: torch.Tensor,
+    films: Iterator[tuple[torch.Tensor, torch.Tensor]] | None, text_kv: Iterator[torch.Tensor],
     skip: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One block, or a chain of them fused (`fusable_chains`); `skip` goes to the chain's ResBlock."""
+    """One block, or a chain of them fused (`fusable_chains`); `skip` goes to the chain's ResBlock. On the
+    fused path, `films` yields each TimestepBlock's (a, b) in turn."""
     if len(chain) > 1:
         kv = next(text_kv) if isinstance(chain[-1], AttnBlock) else None
-        return run_fused_chain(chain, x, r_embed, skip, kv)
+        return run_fused_chain(chain, x, next(films), skip, kv)
     block = chain[0]
     if isinstance(block, ResBlock):
         return block(x, skip)
     if isinstance(block, TimestepBlock):
-        return block(x, r_embed)
+        return block(x, r_embed) if films is None else block.modulate(x, *next(films))
     if isinstance(block, AttnBlock):
         return block(x, next(text_kv))
     return block(x)  # a down- or up-sampler

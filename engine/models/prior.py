@@ -10,6 +10,7 @@ from engine.models.blocks import (
     AttnBlock,
     LayerNorm2d,
     ResBlock,
+    StackedFiLM,
     TimestepBlock,
     run_fused_chain,
     timestep_embedding,
@@ -17,10 +18,7 @@ from engine.models.blocks import (
 
 
 class PriorLayer(nn.Module):
-    """One of the prior's `depth` layers: ResBlock, then timestep FiLM, then attention. `fused` runs the
-    three as one chain (`run_fused_chain`)."""
-
-    fused = False
+    """One of the prior's `depth` layers: ResBlock, then timestep FiLM, then attention."""
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -29,17 +27,17 @@ class PriorLayer(nn.Module):
         self.attn = AttnBlock(config.c, config.c, config.nhead)
 
     def forward(self, x: torch.Tensor, r_embed: torch.Tensor, text_kv: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            return run_fused_chain((self.res, self.time, self.attn), x, r_embed, text_kv=text_kv)
         return self.attn(self.time(self.res(x), r_embed), text_kv)
 
 
 class Prior(nn.Module):
     """`WuerstchenPrior`. Call `condition` once per request, then `forward` once per step.
 
-    With `channels_last` (see `use_channels_last`) the latents enter in channels-last layout."""
+    With `channels_last` (see `use_channels_last`) the latents enter in channels-last layout; `fused` runs
+    each layer as one chain (`run_fused_chain`), with every layer's FiLM from one GEMM (`StackedFiLM`)."""
 
     channels_last = False
+    fused = False
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -50,6 +48,10 @@ class Prior(nn.Module):
         )
         self.layers = nn.ModuleList(PriorLayer(config) for _ in range(config.depth))
         self.out = nn.Sequential(LayerNorm2d(), nn.Conv2d(config.c, 2 * config.c_in, kernel_size=1))
+
+    def fold_for_fused(self) -> None:
+        """Stack the layers' FiLM mappers for the fused forward (see `use_fused_kernels`)."""
+        self.films = StackedFiLM([layer.time for layer in self.layers])
 
     def condition(self, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per-layer text keys and values (B, 77, 2c) from CLIP states (B, 77, c_cond)."""
@@ -63,8 +65,12 @@ class Prior(nn.Module):
         x_in = x
         r_embed = timestep_embedding(r, self.config.c_r)
         x = self.projection(x)
-        for layer, kv in zip(self.layers, text_kv, strict=True):
-            x = layer(x, r_embed, kv)
+        if self.fused:
+            for layer, kv, film in zip(self.layers, text_kv, self.films(r_embed), strict=True):
+                x = run_fused_chain((layer.res, layer.time, layer.attn), x, film, text_kv=kv)
+        else:
+            for layer, kv in zip(self.layers, text_kv, strict=True):
+                x = layer(x, r_embed, kv)
         # The head divides by as little as 1e-5: it runs in fp32 and returns fp32 noise in every precision.
         a, b = self.out(x).float().chunk(2, dim=1)
         return (x_in.float() - a) / ((1 - b).abs() + 1e-5)
