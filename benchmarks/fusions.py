@@ -13,7 +13,8 @@ wall and kernel milliseconds, eager, kernel time by kind, and the relative diffe
 from `torch`'s:
 `torch` (the reference path), `kernels` (channels-last, and the attention and norm kernels with every
 block on its own; the VQGAN channels-last only), `torch-fast` (plus the chains of `run_fused_chain` and
-the VQGAN's fused blocks) and `torch-fast + linear_gelu`.
+the VQGAN's fused blocks) and `torch-fast + linear_gelu`. (The prior's noise head divides by as little
+as 1e-5, so its difference can be large where its inputs agree; tests/test_fused.py compares those.)
 
     python -m benchmarks.fusions [--dtype fp16] [--size 1024] [--preset wuerstchen-v2] [--json FILE]
 """

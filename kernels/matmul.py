@@ -43,7 +43,8 @@ def _linear_gelu(
     group_rows = tl.minimum(tiles_m - first_m, GROUP)
     tile_m = first_m + program % (GROUP * tiles_n) % group_rows
     tile_n = program % (GROUP * tiles_n) // group_rows
-    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 64-bit offsets: rows · N passes 2³¹ from 11 images of 1024² at once in the VQGAN.
+    rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     inner = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)

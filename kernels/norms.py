@@ -63,7 +63,7 @@ def _residual_norm(
     # One program: BLOCK_R pixels (rows, `pixels` per image) with all their channels, in fp32 throughout.
     # y = (x [+ branch]) [· (1 + film_scale) + film_shift]; writes y [+ bias] when RESIDUAL, and
     # LayerNorm(y) [· (1 + scale) + shift] when NORM, into a replicate-padded image when PAD.
-    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # rows · channels may pass 2³¹
     cols = tl.arange(0, BLOCK_C)
     mask = (row[:, None] < rows) & (cols[None, :] < channels)
     pointers = row[:, None] * channels + cols[None, :]
