@@ -3,8 +3,8 @@ path's fusions switched on one group at a time, on one GPU at the shapes of a 10
 
 Kernels (median of CUDA events; GB/s from the bytes the fused kernel must move, TFLOP/s for GEMMs):
 - `linear_gelu` against cuBLAS's Linear and PyTorch's GELU at the VQGAN's two MLP shapes: the one
-  fusion that trades a cuBLAS GEMM for a Triton one, so it ships (`MixingResidualBlock.gemm_gelu`)
-  only if it wins here;
+  fusion that trades a cuBLAS GEMM for a Triton one, so its switch (`MixingResidualBlock.gemm_gelu`)
+  is to be turned on only if it wins here;
 - `layer_norm_modulate_pad` against the LayerNorm kernel and F.pad;
 - `residual_norm` and `residual_film` against the adds, FiLM and LayerNorm kernel they replace.
 

@@ -41,7 +41,7 @@ def _attention_forward(
     # One program: BLOCK_M queries of one (batch, head), over every key block of K, then of TextK.
     block = tl.program_id(0)
     batch_head = tl.program_id(1)
-    batch, head = batch_head // heads, batch_head % heads
+    batch, head = (batch_head // heads).to(tl.int64), batch_head % heads  # batch · stride may pass 2³¹
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_qn + dims[None, :],
@@ -127,7 +127,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_k: torch.T
     """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) and k, v (B, heads, Nk, d): any Nq and Nk, d in 16, 32,
     64 (Würstchen's) or 128, in fp16, bf16 or fp32. With text_k and text_v (B, heads, Nt, d), the keys and
     values are k then text_k and v then text_v, read where they are instead of concatenated. Returns
-    (B, heads, Nq, d) in q's dtype, the heads-major view of a (B, Nq, heads, d) tensor; raises ValueError
+    (B, heads, Nq, d) in q's dtype, a view of a token-major (B, Nq, heads, d) buffer; raises ValueError
     outside that envelope."""
     _check(q, k, v, text_k, text_v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

@@ -90,7 +90,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     # Triton's CPU interpreter multiplies bf16 tiles wrongly (NumPy has no bf16): there, products take fp32.
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     upcast = x.dtype == torch.bfloat16 and interpreted
-    arguments = (rows, weight, bias, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0))
+    arguments = (rows, weight, bias.contiguous(), out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0))
     options = dict(GROUP=GROUP_M, PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
     if interpreted:
         tiles = INTERPRETER_TILES

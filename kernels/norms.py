@@ -9,11 +9,11 @@
 - `residual_film` and `residual_norm`: the glue between two blocks. A block's residual add, the timestep
   FiLM after it, and (`residual_norm`) the next block's input LayerNorm, with its modulation, in one pass
   that also adds the next block's output bias to the residual it writes, so that the next block's last
-  Linear accumulates into that residual in its GEMM epilogue. The same kernel runs all three ops.
+  Linear accumulates into that residual in its GEMM epilogue. One kernel runs these four ops.
 - `global_response_norm`: ConvNeXt-V2's GRN in two passes. The first applies GELU to the MLP's hidden
   activations (the op before every GRN here), writes them, and sums their squares over the pixels in
-  fp32, per batch and channel; the second scales each channel by its norm over the channels' mean,
-  then `γ · (y · n) + β + y`, in place.
+  fp32, per batch and channel; one small launch turns the sums into each channel's norm over the
+  channels' mean, n; the second pass then writes `γ · (y · n) + β + y`, in place.
 
 All are PyTorch custom ops (`wuerstchen::…`), opaque to torch.compile and torch.export, each beside its
 PyTorch reference (`…_ref`) with the same signature.
@@ -29,11 +29,12 @@ import triton.language as tl
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_CHANNELS = 8192  # one row of channels per program for the LayerNorm
+IMAGE = "(batch, height, width, channels)"
 
 
-def _check(x: torch.Tensor, name: str) -> None:
-    if x.dim() != 3:
-        raise ValueError(f"{name}: expected (batch, pixels, channels), got shape {tuple(x.shape)}")
+def _check(x: torch.Tensor, name: str, layout: str = "(batch, pixels, channels)") -> None:
+    if x.dim() != layout.count(",") + 1:
+        raise ValueError(f"{name}: expected {layout}, got shape {tuple(x.shape)}")
     if x.dtype not in DTYPES:
         raise ValueError(f"{name}: dtype {x.dtype}: expected one of {DTYPES}")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -127,13 +128,16 @@ def _launch_residual_norm(
     film_scale, film_shift = (_per_batch_channel(t, batch, channels) for t in film) if film else (x[0], x[0])
     scale, shift = (_per_batch_channel(t, batch, channels) for t in modulation) if modulation else (x[0], x[0])
     residual_out = torch.empty_like(x) if residual else None
-    normed_out = torch.empty_like(x) if norm else None
-    if pad_width is not None:
+    if not norm:
+        normed_out = None
+    elif pad_width is None:
+        normed_out = torch.empty_like(x)
+    else:
         normed_out = x.new_empty(batch, pixels // pad_width + 2, pad_width + 2, channels)
     block_c = triton.next_power_of_2(channels)
     block_r = max(1, 4096 // block_c)  # tiles of about 4,096 values: several pixels per program when narrow
     _residual_norm[(triton.cdiv(batch * pixels, block_r),)](
-        x, branch, film_scale, film_shift, x if bias is None else bias.reshape(-1), scale, shift,
+        x, branch, film_scale, film_shift, x if bias is None else bias.reshape(-1).contiguous(), scale, shift,
         x if residual_out is None else residual_out, x if normed_out is None else normed_out,
         batch * pixels, pixels, pad_width or 1, channels, eps,
         film_scale.stride(0), film_scale.stride(1), film_shift.stride(0), film_shift.stride(1),
@@ -191,25 +195,17 @@ def layer_norm_modulate_pad(x: torch.Tensor, scale: torch.Tensor, shift: torch.T
     """`layer_norm_modulate` of an image x (batch, height, width, channels), written with a one-pixel
     replicate padding around it: (batch, height + 2, width + 2, channels), the input of a 3×3 conv that
     pads by replication, without a separate padding pass over the activations."""
-    _check_image(x)
+    _check(x, "layer_norm_modulate_pad", IMAGE)
     pixels = x.reshape(x.shape[0], -1, x.shape[-1])
-    modulation = _pair("layer_norm_modulate_pad", scale, shift)
-    return _launch_residual_norm("layer_norm_modulate_pad", pixels, None, None, None, modulation, eps, residual=False,
-                                 norm=True, pad_width=x.shape[2])[1]
+    return _launch_residual_norm("layer_norm_modulate_pad", pixels, None, None, None, (scale, shift), eps,
+                                 residual=False, norm=True, pad_width=x.shape[2])[1]
 
 
 @layer_norm_modulate_pad.register_fake
 def _(x, scale, shift, eps):
-    _check_image(x)
+    _check(x, "layer_norm_modulate_pad", IMAGE)
     batch, height, width, channels = x.shape
     return x.new_empty(batch, height + 2, width + 2, channels)
-
-
-def _check_image(x: torch.Tensor) -> None:
-    if x.dim() != 4:
-        raise ValueError(f"layer_norm_modulate_pad: expected (batch, height, width, channels), got shape "
-                         f"{tuple(x.shape)}")
-    _check(x.flatten(1, 2), "layer_norm_modulate_pad")
 
 
 def layer_norm_modulate_pad_ref(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -288,7 +284,7 @@ def _grn_sum_squares(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, GELU: tl.constexpr,
 ):
     # One program: BLOCK_C channels of one image over one slice of its pixels.
-    batch, channel_block, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch, channel_block, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     cols = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_C], tl.float32)
     start = split * pixels_per_split
@@ -332,7 +328,7 @@ def _grn_norm(Partial, batch, start, splits, channels, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _grn_apply(Y, Scale, Gamma, Beta, pixels, channels, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    batch, row_block, channel_block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    batch, row_block, channel_block = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = channel_block * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < pixels) & (cols[None, :] < channels)
@@ -365,7 +361,8 @@ def global_response_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tenso
     scale = torch.empty(batch, channels, device=x.device, dtype=torch.float32)
     _grn_scale[(batch,)](partial, scale, splits, channels, BLOCK_C=1024)
     _grn_apply[(batch, triton.cdiv(pixels, block_n), triton.cdiv(channels, block_c))](
-        y, scale, gamma.reshape(-1), beta.reshape(-1), pixels, channels, BLOCK_N=block_n, BLOCK_C=block_c)
+        y, scale, gamma.reshape(-1).contiguous(), beta.reshape(-1).contiguous(), pixels, channels,
+        BLOCK_N=block_n, BLOCK_C=block_c)
     return y
 
 

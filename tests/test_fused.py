@@ -183,6 +183,9 @@ def test_kernels_refuse_what_they_do_not_cover():
     x, film = torch.randn(1, 4, 8, device=DEVICE), torch.zeros(1, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"residual_film: branch \(1, 4, 7\) torch.float32: expected x's shape"):
         residual_film(x, torch.randn(1, 4, 7, device=DEVICE), film, film)
+    with pytest.raises(ValueError, match=r"layer_norm_modulate_pad: expected \(batch, height, width, channels\), "
+                                         r"got shape \(1, 4, 8\)"):
+        layer_norm_modulate_pad(x, film[0, 0], film[0, 0], 1e-6)
     with pytest.raises(ValueError, match="residual_norm: give both scale and shift, or neither"):
         residual_norm(x, x, film, None, None, None, None, 1e-6)
     with pytest.raises(ValueError, match=r"linear_gelu: x \(1, 4, 8\), weight \(6, 7\), bias \(6,\): expected"):

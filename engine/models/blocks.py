@@ -208,8 +208,8 @@ class ResBlock(nn.Module):
     """Depthwise conv → LayerNorm2d → [concat skip] → Linear ×4 → GELU → GRN → Linear, plus the input.
 
     With `c_skip = 0` this is the prior's ResBlock; with a skip it is the decoder's ResBlockStageB.
-    `fused` runs GELU and the GRN as the two passes of one Triton kernel pair (`kernels.norms`), and lets
-    `run_fused_chain` take over the residual add.
+    `fused` runs GELU and the GRN in Triton (`kernels.norms.global_response_norm`: two passes over the
+    activations), and lets `run_fused_chain` take over the residual add.
     """
 
     fused = False

@@ -26,7 +26,8 @@ class MixingResidualBlock(nn.Module):
     of the two branches are folded into the depthwise conv and the second Linear (`fold_for_fused`),
     whose GEMM then adds its residual in its epilogue. `gemm_gelu` also runs the first Linear and the
     GELU as one Triton GEMM (`kernels.matmul.linear_gelu`); it is off until a GPU measurement shows it
-    beating cuBLAS plus a separate GELU (`python -m benchmarks.fusions`)."""
+    beating cuBLAS plus a separate GELU (`python -m benchmarks.fusions`). Its first call at each shape
+    autotunes, which a CUDA-graph capture would not survive: warm up before capturing."""
 
     fused = False
     gemm_gelu = False
