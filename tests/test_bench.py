@@ -125,8 +125,9 @@ def test_several_backends_in_one_run(tmp_path):
 
 
 def test_fusion_benchmark_compares_every_kernel_and_variant(monkeypatch):
-    """The GPU script's plumbing on the tiny preset in Triton's interpreter, with wall-clock timers: each
-    fused kernel agrees with the ops it replaces, and every variant of every stage with the reference."""
+    """The GPU script's plumbing on the tiny preset (on a CPU in Triton's interpreter), with wall-clock
+    timers: each fused kernel agrees with the ops it replaces, and every variant of every stage with the
+    reference."""
     def wall_ms(function, *args, **kwargs):
         start = time.perf_counter()
         function()
@@ -135,15 +136,15 @@ def test_fusion_benchmark_compares_every_kernel_and_variant(monkeypatch):
     monkeypatch.setattr(fusions, "cuda_median_ms", wall_ms)
     monkeypatch.setattr(fusions, "profile", lambda function: {"wall_ms": wall_ms(function), "kernel_ms": 0.0,
                                                               "kernels": 0, "by_kind_ms": {}})
-    cpu = torch.device("cpu")
-    kernels = fusions.kernel_rows(preset("tiny"), 128, cpu, torch.float32)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kernels = fusions.kernel_rows(preset("tiny"), 128, device, torch.float32)
     assert [row["kernel"] for row in kernels] == [
         "linear + GELU, VQGAN 32×32", "linear + GELU, VQGAN 64×64", "LayerNorm + modulation + replicate pad, "
         "VQGAN 32×32", "residual + FiLM + LayerNorm, prior 3×3, guidance batch", "residual + FiLM, decoder 16×16",
         "residual + FiLM + LayerNorm, decoder 8×8", "residual + FiLM + LayerNorm, decoder 4×4",
         "residual + FiLM + LayerNorm, decoder 2×2"]
     assert all(row["max_diff"] < 1e-4 and row["fused_ms"] > 0 for row in kernels), kernels
-    stages = fusions.stage_rows("tiny", 128, cpu, torch.float32)
+    stages = fusions.stage_rows("tiny", 128, device, torch.float32)
     assert [(row["stage"], row["variant"]) for row in stages] == [
         (stage, variant) for variant in fusions.VARIANTS for stage in ("prior step", "decoder step", "VQGAN decode")
         if variant != "torch-fast + linear_gelu" or stage == "VQGAN decode"]
