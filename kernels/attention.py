@@ -15,14 +15,13 @@ recognise kernels run by Triton's CPU interpreter, which is how the tests run th
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels import DTYPES, check_device, dot_precision
+
 HEAD_DIMS = (16, 32, 64, 128)  # Würstchen's is 64; the tiny test models' 16
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
@@ -116,9 +115,7 @@ def _check_pair(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
                          "batch and heads, and keys and values of one shape")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: tensors on {q.device}, {k.device}, {v.device}: expected one device")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"attention: tensors on {q.device}: the kernel runs on a CUDA GPU, or on the CPU in "
-                         "Triton's interpreter (TRITON_INTERPRET=1)")
+    check_device("attention", q.device)
 
 
 @torch.library.custom_op("wuerstchen::attention", mutates_args=())
@@ -135,10 +132,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_k: torch.T
     text_k, text_v = (t if t.stride(-1) == 1 else t.contiguous() for t in (text_k, text_v)) if text else (k, v)
     batch, heads, queries, head_dim = q.shape
     out = _output_like(q)
-    # Triton's CPU interpreter multiplies bf16 tiles wrongly (NumPy has no bf16): there, products take fp32.
-    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    # fp32 inputs keep fp32 products (IEEE); TF32 would cost the accuracy fp32 is asked for.
-    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+    precision, upcast = dot_precision(q.dtype)
     block_m, block_n = (64, 64) if q.dtype != torch.float32 else (32, 32)
     grid = (triton.cdiv(queries, block_m), batch * heads)
     _attention_forward[grid](

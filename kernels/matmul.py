@@ -11,13 +11,12 @@ uses it only where `benchmarks.fusions` says it wins (`MixingResidualBlock.gemm_
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from kernels import DTYPES, check_device, dot_precision, interpreted
+
 # Tiles for a GPU, chosen by Triton's autotuner per (M, N, K); the interpreter runs the small one.
 CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_stages=3, num_warps=8),
@@ -73,9 +72,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     if not (x.dtype == weight.dtype == bias.dtype) or x.dtype not in DTYPES:
         raise ValueError(f"linear_gelu: dtypes {x.dtype}, {weight.dtype}, {bias.dtype}: expected one of {DTYPES} "
                          "for all three")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"linear_gelu: tensors on {x.device}: the kernel runs on a CUDA GPU, or on the CPU in "
-                         "Triton's interpreter (TRITON_INTERPRET=1)")
+    check_device("linear_gelu", x.device)
 
 
 @torch.library.custom_op("wuerstchen::linear_gelu", mutates_args=())
@@ -87,12 +84,10 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     rows, weight = (t if t.stride(-1) == 1 else t.contiguous() for t in (rows, weight))
     (m, k), n = rows.shape, weight.shape[0]
     out = x.new_empty(m, n)
-    # Triton's CPU interpreter multiplies bf16 tiles wrongly (NumPy has no bf16): there, products take fp32.
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    upcast = x.dtype == torch.bfloat16 and interpreted
+    precision, upcast = dot_precision(x.dtype)
     arguments = (rows, weight, bias.contiguous(), out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0))
-    options = dict(GROUP=GROUP_M, PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast)
-    if interpreted:
+    options = dict(GROUP=GROUP_M, PRECISION=precision, UPCAST=upcast)
+    if interpreted():
         tiles = INTERPRETER_TILES
         _linear_gelu[(triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]),)](
             *arguments, **tiles, **options)

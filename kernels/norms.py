@@ -21,13 +21,12 @@ PyTorch reference (`…_ref`) with the same signature.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from kernels import DTYPES, check_device
+
 MAX_CHANNELS = 8192  # one row of channels per program for the LayerNorm
 IMAGE = "(batch, height, width, channels)"
 
@@ -37,9 +36,7 @@ def _check(x: torch.Tensor, name: str, layout: str = "(batch, pixels, channels)"
         raise ValueError(f"{name}: expected {layout}, got shape {tuple(x.shape)}")
     if x.dtype not in DTYPES:
         raise ValueError(f"{name}: dtype {x.dtype}: expected one of {DTYPES}")
-    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"{name}: tensors on {x.device}: the kernel runs on a CUDA GPU, or on the CPU in Triton's "
-                         "interpreter (TRITON_INTERPRET=1)")
+    check_device(name, x.device)
 
 
 @triton.jit
