@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import cuda_median_ms
-from benchmarks.kernel_profile import KINDS, profile
+from benchmarks.kernel_profile import KINDS, StageInputs, profile, stage_steps
 from engine.config import WuerstchenConfig, preset
 from engine.device import DTYPES
 from engine.errors import WuerstchenError
@@ -119,28 +119,19 @@ def stage_rows(preset_name: str, size: int, device: torch.device, dtype: torch.d
     """Each stage's step (eager) in every variant of `VARIANTS`, on the preset's random weights."""
     from engine import WuerstchenPipeline
     from engine.models.blocks import use_attention, use_channels_last, use_fused_kernels
-    from engine.models.decoder import Decoder, resize_image_embeddings
+    from engine.models.decoder import Decoder
     from engine.models.prior import Prior
     from engine.models.vqgan import MixingResidualBlock
 
     pipe = WuerstchenPipeline.from_preset(preset_name, device, dtype)
     models = (pipe.prior, pipe.decoder, pipe.vqgan)
-    config = pipe.config
-    shapes = image_shapes(config, size, size, batch=1)
-    generator = torch.Generator().manual_seed(0)
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(shape, generator=generator) * scale).to(device, dtype)
+    inputs = StageInputs.draw(pipe.config, size, device, dtype)
 
     def switch(kind: type, name: str, value: bool) -> None:
         for module in (module for model in models for module in model.modules()):
             if isinstance(module, kind):
                 setattr(module, name, value)
 
-    x, xd = randn(2, *shapes.prior_latent[1:]), randn(*shapes.decoder_latent)
-    r = randn(2).abs().clamp(max=1)
-    text, clip = randn(2, 77, config.prior.c_cond), randn(1, 77, config.decoder.clip_embd)
-    embedding = randn(*shapes.prior_latent, scale=30)
     rows, references = [], {}  # the torch variant's output of each stage
     with torch.inference_mode():
         for variant, (kernels, chains, gemm_gelu) in VARIANTS.items():
@@ -152,14 +143,8 @@ def stage_rows(preset_name: str, size: int, device: torch.device, dtype: torch.d
             for kind in (Prior, Decoder, MixingResidualBlock):
                 switch(kind, "fused", chains)
             switch(MixingResidualBlock, "gemm_gelu", gemm_gelu)
-            kv = pipe.prior.condition(text)
-            decoder_kv, effnet = pipe.decoder.condition(
-                resize_image_embeddings(embedding, config.decoder, shapes.decoder_levels), clip)
-            steps = {"prior step": lambda kv=kv: pipe.prior(x, r, kv),
-                     "decoder step": lambda kv=decoder_kv, effnet=effnet: pipe.decoder(xd, r[:1], kv, effnet),
-                     "VQGAN decode": lambda: pipe.vqgan(xd)}
-            for stage, step in steps.items():
-                if gemm_gelu and stage != "VQGAN decode":  # linear_gelu only changes the VQGAN
+            for stage, step in stage_steps(pipe, inputs).items():
+                if gemm_gelu and stage != "vqgan_decode":  # linear_gelu only changes the VQGAN
                     continue
                 output = step().float()
                 reference = references.setdefault(stage, output)

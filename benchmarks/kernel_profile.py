@@ -14,10 +14,14 @@ import argparse
 import collections
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from benchmarks.harness import cuda_median_ms
+from engine.config import WuerstchenConfig
+from engine.shapes import image_shapes
 
 # Kernel-name fragments by kind, first match wins (cuBLAS, CUTLASS, cuDNN, PyTorch and this project's Triton).
 KINDS = [
@@ -53,6 +57,50 @@ def profile(function, warmup: int = 10, runs: int = 20) -> dict:
             "by_kind_ms": dict(by_kind.most_common())}
 
 
+@dataclass(frozen=True)
+class StageInputs:
+    """Random inputs of the three stages for one `size`² image, always drawn in the same order: the prior's
+    latent with its guidance batch of 2, the decoder's latent, two noise levels, CLIP-bigG and CLIP-H
+    states, and the prior's image embedding."""
+
+    prior_latent: torch.Tensor
+    decoder_latent: torch.Tensor
+    r: torch.Tensor
+    prior_text: torch.Tensor
+    decoder_text: torch.Tensor
+    embedding: torch.Tensor
+    decoder_levels: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def draw(cls, config: WuerstchenConfig, size: int, device: torch.device, dtype: torch.dtype) -> StageInputs:
+        shapes = image_shapes(config, size, size, batch=1)
+        generator = torch.Generator().manual_seed(0)
+
+        def randn(*shape, scale=1.0):
+            return (torch.randn(shape, generator=generator) * scale).to(device, dtype)
+
+        return cls(
+            prior_latent=randn(2, *shapes.prior_latent[1:]), decoder_latent=randn(*shapes.decoder_latent),
+            r=randn(2).abs().clamp(max=1), prior_text=randn(2, 77, config.prior.c_cond),
+            decoder_text=randn(1, 77, config.decoder.clip_embd), embedding=randn(*shapes.prior_latent, scale=30),
+            decoder_levels=shapes.decoder_levels,
+        )
+
+
+def stage_steps(pipe, inputs: StageInputs) -> dict[str, Callable[[], torch.Tensor]]:
+    """This engine's prior step, decoder step and VQGAN decode on `inputs`, as the pipeline's backend runs
+    them, eagerly; each stage's text conditioning is computed once, here."""
+    from engine.models.decoder import resize_image_embeddings
+
+    x, xd, r = inputs.prior_latent, inputs.decoder_latent, inputs.r
+    kv = pipe.prior.condition(inputs.prior_text)
+    pyramid = resize_image_embeddings(inputs.embedding, pipe.config.decoder, inputs.decoder_levels)
+    decoder_kv, effnet = pipe.decoder.condition(pyramid, inputs.decoder_text)
+    return {"prior_step": lambda: pipe.prior(x, r, kv),
+            "decoder_step": lambda: pipe.decoder(xd, r[:1], decoder_kv, effnet),
+            "vqgan_decode": lambda: pipe.vqgan(xd)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024)
@@ -67,37 +115,22 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.reference import random_reference
     from engine import WuerstchenPipeline, preset
     from engine.device import DTYPES
-    from engine.models.decoder import resize_image_embeddings
-    from engine.shapes import image_shapes
 
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     config = preset("wuerstchen-v2")
-    shapes = image_shapes(config, args.size, args.size, batch=1)
-    generator = torch.Generator().manual_seed(0)
-
-    def randn(*size, scale=1.0):
-        return (torch.randn(size, generator=generator) * scale).to(device, dtype)
-
-    x, xd = randn(2, *shapes.prior_latent[1:]), randn(*shapes.decoder_latent)
-    r, text, clip = randn(2).abs().clamp(max=1), randn(2, 77, 1280), randn(1, 77, 1024)
-    embedding = randn(*shapes.prior_latent, scale=30)
+    inputs = StageInputs.draw(config, args.size, device, dtype)
     rows, origin = {}, provenance(device)
     with torch.inference_mode():
         for backend in ("torch", "torch-fast"):
             pipe = WuerstchenPipeline.from_preset("wuerstchen-v2", device, dtype, backend=backend)
-            kv = pipe.prior.condition(text)
-            decoder_kv, effnet = pipe.decoder.condition(
-                resize_image_embeddings(embedding, config.decoder, shapes.decoder_levels), clip)
-            rows[backend] = {
-                "prior_step": profile(lambda pipe=pipe, kv=kv: pipe.prior(x, r, kv)),
-                "decoder_step": profile(lambda pipe=pipe, kv=decoder_kv, e=effnet: pipe.decoder(xd, r[:1], kv, e)),
-                "vqgan_decode": profile(lambda pipe=pipe: pipe.vqgan(xd)),
-            }
+            rows[backend] = {stage: profile(step) for stage, step in stage_steps(pipe, inputs).items()}
             del pipe
         modules = random_reference(config, device=device, dtype=dtype)
+        x, xd, r = inputs.prior_latent, inputs.decoder_latent, inputs.r
         rows["diffusers"] = {
-            "prior_step": profile(lambda: modules["prior"](x, r=r, c=text)),
-            "decoder_step": profile(lambda: modules["decoder"](xd, r=r[:1], effnet=embedding, clip=clip)),
+            "prior_step": profile(lambda: modules["prior"](x, r=r, c=inputs.prior_text)),
+            "decoder_step": profile(lambda: modules["decoder"](xd, r=r[:1], effnet=inputs.embedding,
+                                                               clip=inputs.decoder_text)),
             "vqgan_decode": profile(lambda: modules["vqgan"].decode(xd * config.vqgan.scale_factor)),
         }
     print(f"{origin['device']} · torch {origin['versions']['torch']} · {args.dtype} · {args.size}² · {origin['date']}")

@@ -146,6 +146,6 @@ def test_fusion_benchmark_compares_every_kernel_and_variant(monkeypatch):
     assert all(row["max_diff"] < 1e-4 and row["fused_ms"] > 0 for row in kernels), kernels
     stages = fusions.stage_rows("tiny", 128, device, torch.float32)
     assert [(row["stage"], row["variant"]) for row in stages] == [
-        (stage, variant) for variant in fusions.VARIANTS for stage in ("prior step", "decoder step", "VQGAN decode")
-        if variant != "torch-fast + linear_gelu" or stage == "VQGAN decode"]
+        (stage, variant) for variant in fusions.VARIANTS for stage in ("prior_step", "decoder_step", "vqgan_decode")
+        if variant != "torch-fast + linear_gelu" or stage == "vqgan_decode"]
     assert all(row["relative_difference"] < 1e-4 for row in stages), stages
