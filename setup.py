@@ -32,5 +32,12 @@ setup(
         "tensorrt": ["tensorrt>=10.1", "polygraphy>=0.53"],
         "gpu": ["onnxruntime-gpu>=1.18"],
     },
-    entry_points={"console_scripts": ["wuerstchen=engine.cli:main"]},
+    entry_points={
+        "console_scripts": ["wuerstchen=engine.cli:main"],
+        # Subcommands of the layers above the runtime, which `engine.cli` finds here without importing them.
+        "wuerstchen.commands": ["export = export.cli:add_export", "build = export.cli:add_build",
+                                "bench = benchmarks.bench:add_parser"],
+        # The engine builder that the TensorRT runtime uses when asked to build missing engines on load.
+        "wuerstchen.builders": ["tensorrt = export.tensorrt:build_engines"],
+    },
 )

@@ -18,8 +18,8 @@ import torch
 
 from benchmarks.harness import cuda_median_ms
 from engine import preset
-from engine.device import DTYPES
 from engine.errors import WuerstchenError
+from engine.precision import Precision
 from engine.shapes import TEXT_TOKENS, image_shapes
 
 HEAD_DIM = 64
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.bench import provenance
     from kernels.attention import attention
 
-    dtype, device = DTYPES[args.dtype], torch.device("cuda")
+    dtype, device = Precision.parse(args.dtype).torch_dtype, torch.device("cuda")
     origin = provenance(device)
     print(f"{origin['device']} · torch {origin['versions']['torch']} · triton {origin['versions']['triton']} · "
           f"{args.dtype} · {origin['date']}")

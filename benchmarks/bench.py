@@ -12,44 +12,29 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Recipe, instrument_diffusers, instrument_engine, matmul_peak_tflops, measure
-from engine.backends import Backend
-from engine.device import DTYPE_NAMES
+from benchmarks.harness import PROMPT, instrument_diffusers, instrument_engine, matmul_peak_tflops, measure
 from engine.errors import WuerstchenError
+from engine.precision import Precision
+from engine.recipe import Recipe
+from engine.runtime import Runtime
+from engine.shapes import check_image_size
 
 BASELINES = ("diffusers", "diffusers-compile")
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
-class Source:
-    """Where the weights come from: a preset's random weights, diffusers folders, or a bundle."""
-
-    preset: str | None = None
-    prior: str | None = None
-    decoder: str | None = None
-    bundle: str | None = None
-
-    def describe(self) -> str:
-        if self.bundle:
-            return f"bundle {self.bundle}"
-        if self.prior:
-            return f"{self.prior} + {self.decoder}"
-        return f"preset {self.preset} (random weights)"
-
-
-@dataclass(frozen=True)
 class Options:
-    source: Source
-    backends: tuple[Backend, ...]
-    device: torch.device
-    dtype: torch.dtype
+    """What to measure: one resolved runtime per backend (one source, device and precision for all of them,
+    as `engine.cli.resolve_flags` resolves the command line), the workloads and the baselines."""
+
+    runtimes: tuple[Runtime, ...]
     sizes: tuple[tuple[int, int], ...]
     batches: tuple[int, ...]
     recipe: Recipe
@@ -57,6 +42,14 @@ class Options:
     runs: int
     baselines: tuple[str, ...] = ()
     cold_start: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtimes[0].device
+
+    @property
+    def precision(self) -> Precision:
+        return self.runtimes[0].precision
 
 
 def provenance(device: torch.device) -> dict:
@@ -87,19 +80,10 @@ def provenance(device: torch.device) -> dict:
     }
 
 
-def build_engine(options: Options, backend: Backend):
+def build_engine(runtime: Runtime):
     from engine import WuerstchenPipeline
 
-    source = options.source
-    if source.bundle:
-        providers = ["CPUExecutionProvider"] if options.device.type == "cpu" else None
-        pipe = WuerstchenPipeline.from_bundle(source.bundle, backend, providers=providers,
-                                              precision=DTYPE_NAMES[options.dtype])
-    elif source.prior:
-        pipe = WuerstchenPipeline.from_pretrained(source.prior, source.decoder, options.device, options.dtype,
-                                                  backend=backend)
-    else:
-        pipe = WuerstchenPipeline.from_preset(source.preset, options.device, options.dtype, backend=backend)
+    pipe = WuerstchenPipeline.load(runtime)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -109,19 +93,17 @@ def build_diffusers(options: Options):
     from diffusers.utils import logging
 
     from benchmarks.reference import diffusers_pipeline, engine_pipeline, load_diffusers, random_reference
-    from engine import preset
     from engine.text import byte_level_tokenizer
 
     logging.set_verbosity_error()  # its deprecation and dtype-cast notices would bury the report
-    source = options.source
-    if source.prior:
-        engines = {backend: build_engine(options, backend) for backend in options.backends}
-        return engines, load_diffusers(source.prior, source.decoder, options.device, options.dtype)
-    config = preset(source.preset)
-    modules = random_reference(config, device=options.device, dtype=options.dtype)
+    source, device, dtype = options.runtimes[0].source, options.device, options.precision.torch_dtype
+    if source.kind == "folders":
+        engines = {runtime.backend: build_engine(runtime) for runtime in options.runtimes}
+        return engines, load_diffusers(source.prior, source.decoder, device, dtype)
+    config = source.read_config()
+    modules = random_reference(config, device=device, dtype=dtype)
     tokenizer = byte_level_tokenizer()
-    engines = {backend: engine_pipeline(modules, tokenizer, config, options.device, options.dtype)._use_backend(
-        backend) for backend in options.backends}
+    engines = {runtime.backend: engine_pipeline(modules, tokenizer, config, runtime) for runtime in options.runtimes}
     return engines, diffusers_pipeline(modules, tokenizer)
 
 
@@ -139,9 +121,11 @@ def compiled(pipe) -> Iterator[None]:
 
 def cold_start_seconds(options: Options, target: str, height: int, width: int, batch: int) -> float:
     """Seconds from starting a fresh Python process to its first image (imports, loading, one call)."""
-    spec = {"target": target, "source": asdict(options.source), "device": str(options.device),
-            "dtype": DTYPE_NAMES[options.dtype], "height": height, "width": width, "batch": batch,
-            "recipe": asdict(options.recipe)}
+    runtime = options.runtimes[0]
+    spec = {"target": target, "source": {k: str(v) if isinstance(v, Path) else v
+                                         for k, v in asdict(runtime.source).items()},
+            "device": str(options.device), "dtype": options.precision.value, "height": height, "width": width,
+            "batch": batch, "recipe": asdict(options.recipe)}
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "benchmarks.cold_start", json.dumps(spec)], cwd=REPOSITORY,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -177,40 +161,44 @@ def _flops(config, recipe: Recipe, height: int, width: int, batch: int) -> dict:
 
 
 def _targets(options: Options) -> dict:
-    """target name (a backend of this engine, or a baseline) → (pipeline, its stage instrumentation or None,
-    a context to run it in)."""
+    """target name (a backend of this engine, or a baseline) → (pipeline, its stage instrumentation or None
+    (see `benchmarks.harness.measure`), a context to run it in)."""
     if options.baselines:
         engines, reference = build_diffusers(options)
     else:
-        engines = {backend: build_engine(options, backend) for backend in options.backends}
+        engines = {runtime.backend: build_engine(runtime) for runtime in options.runtimes}
     targets = {backend.value: engine_target(engine) for backend, engine in engines.items()}
     if "diffusers" in options.baselines:
-        targets["diffusers"] = (reference, lambda timer: instrument_diffusers(reference, timer),
-                                contextlib.nullcontext)
+        targets["diffusers"] = (reference, instrument_diffusers, contextlib.nullcontext)
     if "diffusers-compile" in options.baselines:  # compiled graphs cannot carry per-stage timers
         targets["diffusers-compile"] = (reference, None, lambda: compiled(reference))
     return targets
 
 
+def _call(recipe: Recipe, height: int, width: int, batch: int) -> dict:
+    """The keyword arguments of one measured call, the same for this engine and diffusers."""
+    return {**replace(recipe, height=height, width=width).call(batch), "prompt": PROMPT, "output_type": "pt"}
+
+
 def _measure_target(pipe, instrument, setup, call: dict, options: Options, batch: int) -> dict:
     """One target at one workload: the first call (compilation, lazy init) timed on its own, then
     `measure` after the remaining warm-up."""
-    def generate():
-        return pipe(**call, generator=torch.Generator().manual_seed(0))
+    def generate(target):
+        return target(**call, generator=torch.Generator().manual_seed(0))
 
     with setup(), torch.no_grad():
         start = time.perf_counter()
-        generate()
+        generate(pipe)
         if options.device.type == "cuda":
             torch.cuda.synchronize(options.device)
         first_call_s = time.perf_counter() - start
-        found = measure(generate, instrument, options.device, options.warmup - 1, options.runs)
+        found = measure(pipe, generate, instrument, options.device, options.warmup - 1, options.runs)
     return found.summary(batch) | {"first_call_s": first_call_s}
 
 
 def engine_target(pipe) -> tuple:
     """A target entry for one of this engine's pipelines (see `_targets`)."""
-    return pipe, lambda timer: instrument_engine(pipe, timer), contextlib.nullcontext
+    return pipe, instrument_engine, contextlib.nullcontext
 
 
 def run(options: Options, progress=print, targets: dict | None = None) -> list[dict]:
@@ -218,12 +206,13 @@ def run(options: Options, progress=print, targets: dict | None = None) -> list[d
     targets are built from `options` unless given (name → `engine_target(pipe)` or the like)."""
     targets = targets or _targets(options)
     config = next(iter(targets.values()))[0].config
-    peak = matmul_peak_tflops(options.device, options.dtype)
+    peak = matmul_peak_tflops(options.device, options.precision.torch_dtype)
     origin = provenance(options.device)
+    backends = {runtime.backend.value: runtime for runtime in options.runtimes}
     records = []
     for height, width in options.sizes:
         for batch in options.batches:
-            call = options.recipe.call(height, width, batch)
+            call = _call(options.recipe, height, width, batch)
             flops = _flops(config, options.recipe, height, width, batch)
             measured = {}
             for target, (pipe, instrument, setup) in targets.items():
@@ -241,14 +230,15 @@ def run(options: Options, progress=print, targets: dict | None = None) -> list[d
             for target, summary in measured.items():
                 summary["speedup_vs"] = {other: result["latency_s"]["median"] / summary["latency_s"]["median"]
                                          for other, result in measured.items() if other != target}
+                runtime = backends.get(target, options.runtimes[0])
+                recipe = asdict(options.recipe) | {"prior_evaluations": options.recipe.prior_evaluations}
                 records.append({
                     "provenance": origin,
-                    "workload": {"target": target, "source": options.source.describe(),
+                    "workload": {"target": target, "source": runtime.source.describe(),
                                  "backend": "torch" if target in BASELINES else target,
-                                 "dtype": DTYPE_NAMES[options.dtype], "height": height, "width": width,
+                                 "dtype": runtime.precision.value, "height": height, "width": width,
                                  "batch": batch, "warmup": options.warmup, "runs": options.runs,
-                                 "recipe": asdict(options.recipe) | {
-                                     "prior_evaluations": options.recipe.prior_evaluations}},
+                                 "recipe": {k: v for k, v in recipe.items() if k not in ("height", "width")}},
                     "matmul_peak_tflops": peak,
                     "flops": flops,
                     "results": summary,
@@ -266,12 +256,9 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def options_from_args(args) -> Options:
-    """Check the command line, one field at a time, and turn it into `Options`."""
-    from engine.bundle import open_bundle
-    from engine.config import preset
-    from engine.device import resolve_device, resolve_dtype
-    from engine.pipeline import read_config
-    from engine.shapes import check_image_size
+    """Check the command line, one field at a time, and turn it into `Options`: the source, device and
+    precision resolved for each backend as every command resolves them (`engine.cli.resolve_flags`)."""
+    from engine.cli import resolve_flags
 
     for name in ("runs", "decoder_steps"):
         if getattr(args, name) < 1:
@@ -285,38 +272,56 @@ def options_from_args(args) -> Options:
     unknown = [b for b in args.baseline if b not in BASELINES]
     if unknown:
         raise WuerstchenError(f"--baseline {' '.join(unknown)}: expected any of {', '.join(BASELINES)}")
-    if (args.prior is None) != (args.decoder is None):
-        raise WuerstchenError("--prior and --decoder go together: pass both folders, a --bundle or a --preset")
-    if sum(x is not None for x in (args.preset, args.prior, args.bundle)) > 1:
-        raise WuerstchenError("--preset, --prior/--decoder and --bundle are alternatives: pass one")
-    source = Source(preset=args.preset or ("wuerstchen-v2" if not (args.prior or args.bundle) else None),
-                    prior=args.prior, decoder=args.decoder, bundle=args.bundle)
-    backends = tuple(dict.fromkeys(Backend.parse(b) for b in args.backend or
-                                   [Backend.ONNXRUNTIME if args.bundle else Backend.TORCH]))
-    for backend in backends:
-        if backend.runs_bundles != bool(args.bundle):
-            raise WuerstchenError(f"--backend {backend.value}: onnxruntime and tensorrt run a --bundle, the torch "
-                                  "backends a preset or folders")
     if args.bundle and args.baseline:
         raise WuerstchenError("--baseline needs the weights: pass --preset or --prior/--decoder, not --bundle")
-    if source.bundle:
-        config = open_bundle(source.bundle, check_hashes=False).config
-    elif source.prior:
-        config = read_config(source.prior, source.decoder)
-    else:
-        config = preset(source.preset)
+    runtimes = tuple(resolve_flags(args, backend) for backend in dict.fromkeys(args.backend or [None]))
+    if len({(runtime.device, runtime.precision) for runtime in runtimes}) > 1:
+        found = ", ".join(f"{r.backend.value} {r.device} {r.precision.value}" for r in runtimes)
+        raise WuerstchenError(f"--backend {' '.join(args.backend)}: these run on different devices or precisions "
+                              f"({found}); bench them in separate runs")
+    config = runtimes[0].source.read_config()
     sizes = tuple(_size(text) for text in args.sizes)
     for text, (height, width) in zip(args.sizes, sizes, strict=True):
         try:
             check_image_size(config, height, width)
         except WuerstchenError as error:
             raise WuerstchenError(f"--sizes {text}: {error}") from None
-    device = resolve_device(args.device)
-    return Options(source=source, backends=backends, device=device, dtype=resolve_dtype(args.dtype, device),
-                   sizes=sizes, batches=tuple(args.batch), recipe=Recipe(args.prior_steps, args.prior_guidance,
-                                                                          args.decoder_steps, args.decoder_guidance),
-                   warmup=args.warmup, runs=args.runs, baselines=tuple(args.baseline),
-                   cold_start=not args.no_cold_start)
+    recipe = Recipe(prior_steps=args.prior_steps, prior_guidance=args.prior_guidance,
+                    decoder_steps=args.decoder_steps, decoder_guidance=args.decoder_guidance)
+    return Options(runtimes=runtimes, sizes=sizes, batches=tuple(args.batch), recipe=recipe, warmup=args.warmup,
+                   runs=args.runs, baselines=tuple(args.baseline), cold_start=not args.no_cold_start)
+
+
+def add_parser(commands) -> None:
+    """`wuerstchen bench`, registered as an entry point of `wuerstchen.commands` (setup.py)."""
+    from engine.cli import model_flags
+
+    published = Recipe()
+    bench = commands.add_parser(
+        "bench", help="measure latency, throughput and efficiency, optionally against diffusers",
+        description="Measure end-to-end latency, per-stage times, throughput, peak memory, cold start and "
+                    "achieved TFLOP/s. Without a source, the full-size architecture with random weights.")
+    model_flags(bench, default_preset="wuerstchen-v2", backends="many")
+    bench.add_argument("--sizes", nargs="+", default=[str(published.height)], metavar="SIZE",
+                       help=f"image sizes: {published.height} or HEIGHTxWIDTH (default {published.height})")
+    bench.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N", help="images per call (default 1)")
+    bench.add_argument("--prior-steps", type=int, metavar="N", help="evenly spaced prior steps (default: the "
+                                                                   "published 29-evaluation schedule)")
+    bench.add_argument("--decoder-steps", type=int, default=published.decoder_steps, metavar="N",
+                       help=f"decoder steps (default {published.decoder_steps})")
+    bench.add_argument("--prior-guidance", type=float, default=published.prior_guidance,
+                       help=f"prior guidance (default {published.prior_guidance:g})")
+    bench.add_argument("--decoder-guidance", type=float, default=published.decoder_guidance,
+                       help=f"decoder guidance (default {published.decoder_guidance:g}: off)")
+    bench.add_argument("--runs", type=int, default=5, help="timed runs per measurement (default 5)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed runs first, at least 1 (default 2)")
+    bench.add_argument("--baseline", nargs="+", default=[], metavar="NAME",
+                       help="also measure, same process and weights: diffusers, diffusers-compile")
+    bench.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start runs")
+    bench.add_argument("--json", metavar="FILE", help="write every record, with provenance, as JSON")
+    bench.add_argument("--csv", metavar="FILE", help="append one row per record")
+    bench.add_argument("--plot", metavar="FILE.png", help="plot per-stage latency and throughput (matplotlib)")
+    bench.set_defaults(run=command)
 
 
 def command(args) -> int:

@@ -13,33 +13,29 @@ import sys
 def main(spec: dict) -> None:
     import torch
 
-    from benchmarks.bench import Options, Source, build_engine, compiled
-    from benchmarks.harness import Recipe
-    from engine.backends import Backend
-    from engine.device import DTYPES
+    from benchmarks.bench import BASELINES, _call, build_engine, compiled
+    from engine.recipe import Recipe
+    from engine.runtime import ModelSource, resolve
 
-    options = Options(source=Source(**spec["source"]), backends=(), device=torch.device(spec["device"]),
-                      dtype=DTYPES[spec["dtype"]], sizes=(), batches=(), recipe=Recipe(**spec["recipe"]), warmup=0,
-                      runs=0)
-    if spec["target"] in {backend.value for backend in Backend}:
-        pipe = build_engine(options, Backend(spec["target"]))
+    source = ModelSource(**spec["source"])
+    recipe = Recipe(**spec["recipe"])
+    if spec["target"] not in BASELINES:
+        pipe = build_engine(resolve(source, spec["target"], spec["device"], spec["dtype"]))
     else:
         from benchmarks.reference import diffusers_pipeline, load_diffusers, random_reference
-        from engine import preset
         from engine.text import byte_level_tokenizer
 
-        source = options.source
-        if source.prior:
-            pipe = load_diffusers(source.prior, source.decoder, options.device, options.dtype)
+        device, dtype = torch.device(spec["device"]), resolve(source, None, spec["device"], spec["dtype"]).dtype
+        if source.kind == "folders":
+            pipe = load_diffusers(source.prior, source.decoder, device, dtype)
         else:
-            modules = random_reference(preset(source.preset), device=options.device, dtype=options.dtype)
+            modules = random_reference(source.read_config(), device=device, dtype=dtype)
             pipe = diffusers_pipeline(modules, byte_level_tokenizer())
     setup = compiled(pipe) if spec["target"] == "diffusers-compile" else contextlib.nullcontext()
     with setup, torch.no_grad():
-        pipe(**options.recipe.call(spec["height"], spec["width"], spec["batch"]),
-             generator=torch.Generator().manual_seed(0))
-    if options.device.type == "cuda":
-        torch.cuda.synchronize(options.device)
+        pipe(**_call(recipe, spec["height"], spec["width"], spec["batch"]), generator=torch.Generator().manual_seed(0))
+    if torch.device(spec["device"]).type == "cuda":
+        torch.cuda.synchronize(spec["device"])
     print("first image", flush=True)
 
 

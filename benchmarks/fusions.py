@@ -3,17 +3,17 @@ path's fusions switched on one group at a time, on one GPU at the shapes of a 10
 
 Kernels (median of CUDA events; GB/s from the bytes the fused kernel must move, TFLOP/s for GEMMs):
 - `linear_gelu` against cuBLAS's Linear and PyTorch's GELU at the VQGAN's two MLP shapes: the one
-  fusion that trades a cuBLAS GEMM for a Triton one, so its switch (`MixingResidualBlock.gemm_gelu`)
-  is to be turned on only if it wins here;
+  fusion that trades a cuBLAS GEMM for a Triton one, so its switch (`Fusions.gemm_gelu`) is to be turned
+  on only if it wins here;
 - `layer_norm_modulate_pad` against the LayerNorm kernel and F.pad;
 - `residual_norm` and `residual_film` against the adds, FiLM and LayerNorm kernel they replace.
 
 Stages (prior step with its guidance batch, decoder step, VQGAN decode; random full-size weights),
 wall and kernel milliseconds, eager, kernel time by kind, and the relative difference of the output
-from `torch`'s:
-`torch` (the reference path), `kernels` (channels-last, and the attention and norm kernels with every
-block on its own; the VQGAN channels-last only), `torch-fast` (plus the chains of `run_fused_chain` and
-the VQGAN's fused blocks) and `torch-fast + linear_gelu`. (The prior's noise head divides by as little
+from `torch`'s, for each variant of `VARIANTS`, made by `engine.models.fused.fuse`:
+`torch` (the plain models), `kernels` (channels-last, and the attention and norm kernels with every
+block on its own; the VQGAN channels-last only), `torch-fast` (plus the fused chains of blocks and the
+VQGAN's fused blocks) and `torch-fast + linear_gelu`. (The prior's noise head divides by as little
 as 1e-5, so its difference can be large where its inputs agree; tests/test_fused.py compares those.)
 
     python -m benchmarks.fusions [--dtype fp16] [--size 1024] [--preset wuerstchen-v2] [--json FILE]
@@ -22,6 +22,7 @@ as 1e-5, so its difference can be large where its inputs agree; tests/test_fused
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 
@@ -29,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import cuda_median_ms
-from benchmarks.kernel_profile import KINDS, StageInputs, profile, stage_steps
+from benchmarks.kernel_profile import KINDS, StageInputs, profile, random_stages, stage_steps
 from engine.config import WuerstchenConfig, preset
-from engine.device import DTYPES
 from engine.errors import WuerstchenError
+from engine.models.fused import Fusions, fuse
+from engine.precision import Precision
 from engine.shapes import image_shapes
 
 
@@ -106,50 +108,33 @@ def _compare(name: str, shape: tuple, unfused, fused, bytes_moved: int, flops: i
     return row
 
 
-# variant: (the kernels and channels-last, the chains and folded residuals, linear_gelu in the VQGAN)
-VARIANTS = {
-    "torch": (False, False, False),
-    "kernels": (True, False, False),
-    "torch-fast": (True, True, False),
-    "torch-fast + linear_gelu": (True, True, True),
+# variant: None for the plain models, else what `fuse` applies to them
+VARIANTS: dict[str, Fusions | None] = {
+    "torch": None,
+    "kernels": Fusions(chains=False),
+    "torch-fast": Fusions(),
+    "torch-fast + linear_gelu": Fusions(gemm_gelu=True),
 }
 
 
 def stage_rows(preset_name: str, size: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """Each stage's step (eager) in every variant of `VARIANTS`, on the preset's random weights."""
-    from engine import WuerstchenPipeline
-    from engine.models.blocks import use_attention, use_channels_last, use_fused_kernels
-    from engine.models.decoder import Decoder
-    from engine.models.prior import Prior
-    from engine.models.vqgan import MixingResidualBlock
-
-    pipe = WuerstchenPipeline.from_preset(preset_name, device, dtype)
-    models = (pipe.prior, pipe.decoder, pipe.vqgan)
-    inputs = StageInputs.draw(pipe.config, size, device, dtype)
-
-    def switch(kind: type, name: str, value: bool) -> None:
-        for module in (module for model in models for module in model.modules()):
-            if isinstance(module, kind):
-                setattr(module, name, value)
-
+    config = preset(preset_name)
+    plain = random_stages(config, device, dtype)
+    inputs = StageInputs.draw(config, size, device, dtype)
     rows, references = [], {}  # the torch variant's output of each stage
     with torch.inference_mode():
-        for variant, (kernels, chains, gemm_gelu) in VARIANTS.items():
-            if kernels and not pipe.prior.channels_last:
-                for model in models:
-                    use_attention(model, "triton")
-                    use_fused_kernels(model)
-                    use_channels_last(model)
-            for kind in (Prior, Decoder, MixingResidualBlock):
-                switch(kind, "fused", chains)
-            switch(MixingResidualBlock, "gemm_gelu", gemm_gelu)
-            for stage, step in stage_steps(pipe, inputs).items():
-                if gemm_gelu and stage != "vqgan_decode":  # linear_gelu only changes the VQGAN
+        for variant, fusions in VARIANTS.items():
+            # `fuse` takes ownership of what it fuses (channels-last weights): copies leave the plain models be.
+            models = plain if fusions is None else [fuse(copy.deepcopy(model), fusions) for model in plain]
+            for stage, step in stage_steps(*models, inputs).items():
+                if fusions is not None and fusions.gemm_gelu and stage != "vqgan_decode":  # it changes the VQGAN only
                     continue
                 output = step().float()
                 reference = references.setdefault(stage, output)
                 difference = ((output - reference).norm() / reference.norm()).item()
                 rows.append({"stage": stage, "variant": variant, "relative_difference": difference, **profile(step)})
+            del models
     return rows
 
 
@@ -164,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         raise WuerstchenError("benchmarks.fusions times GPU kernels: no CUDA GPU is available here")
     from benchmarks.bench import provenance
 
-    device, dtype = torch.device("cuda"), DTYPES[args.dtype]
+    device, dtype = torch.device("cuda"), Precision.parse(args.dtype, "--dtype").torch_dtype
     origin = provenance(device)
     print(f"{origin['device']} · torch {origin['versions']['torch']} · triton {origin['versions']['triton']} · "
           f"{args.dtype} · {origin['date']}")
@@ -177,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm = [row for row in kernels if row["kernel"].startswith("linear + GELU")]
     verdict = "wins" if all(row["speedup"] > 1 for row in gemm) else "does not win"
     print(f"linear_gelu {verdict} against cuBLAS + GELU at both VQGAN shapes: "
-          f"{'ship' if verdict == 'wins' else 'keep off'} MixingResidualBlock.gemm_gelu")
+          f"{'ship' if verdict == 'wins' else 'keep off'} Fusions.gemm_gelu")
 
     stages = stage_rows(args.preset, args.size, device, dtype)
     kinds = [kind for kind, _ in KINDS] + ["elementwise/other"]

@@ -8,6 +8,7 @@ finished (so timing adds no host sync inside the loop); on a CPU, from the wall 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -15,35 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.schedule import DEFAULT_PRIOR_TIMESTEPS
+from engine.denoise import EagerLoop
 
 STAGES = ("prior_text", "prior_condition", "prior_step", "decoder_text", "decoder_condition", "decoder_step",
           "vqgan_decode")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """The denoising recipe: by default the published one (29 prior evaluations with guidance 4, 12
-    decoder steps without guidance)."""
-
-    prior_steps: int | None = None  # None: the published 29-evaluation schedule
-    prior_guidance: float = 4.0
-    decoder_steps: int = 12
-    decoder_guidance: float = 0.0
-
-    @property
-    def prior_evaluations(self) -> int:
-        return len(DEFAULT_PRIOR_TIMESTEPS) - 1 if self.prior_steps is None else self.prior_steps
-
-    def call(self, height: int, width: int, batch: int) -> dict:
-        """Keyword arguments of a pipeline call, for this engine and diffusers alike."""
-        return dict(
-            prompt="a photograph of a lighthouse on a cliff at dusk", height=height, width=width,
-            prior_num_inference_steps=self.prior_evaluations,
-            prior_timesteps=list(DEFAULT_PRIOR_TIMESTEPS) if self.prior_steps is None else None,
-            prior_guidance_scale=self.prior_guidance, num_inference_steps=self.decoder_steps,
-            decoder_guidance_scale=self.decoder_guidance, num_images_per_prompt=batch, output_type="pt",
-        )
+PROMPT = "a photograph of a lighthouse on a cliff at dusk"  # what every measured call asks for
 
 
 class StageTimer:
@@ -100,37 +79,40 @@ class _TimedStage:
         return getattr(self._stage, name)
 
 
-@contextlib.contextmanager
-def instrument_engine(pipe, timer: StageTimer) -> Iterator[None]:
-    """Time this engine's stages (any backend) for the duration of the block. Steps replayed as CUDA graphs
-    make no Python call per step: there each loop is timed whole and shared evenly among its steps."""
-    graphs = pipe.step_graphs
-    originals = {name: getattr(pipe, name) for name in ("prior_text", "prior", "decoder_text", "decoder", "vqgan")}
-    pipe.prior_text = _TimedStage(originals["prior_text"], timer, "prior_text")
-    pipe.prior = _TimedStage(originals["prior"], timer, None if graphs else "prior_step", "prior_condition")
-    pipe.decoder_text = _TimedStage(originals["decoder_text"], timer, "decoder_text")
-    pipe.decoder = _TimedStage(originals["decoder"], timer, None if graphs else "decoder_step", "decoder_condition")
-    pipe.vqgan = _TimedStage(originals["vqgan"], timer, "vqgan_decode")
-    if graphs is not None:
-        replayed = graphs.denoise
+class _TimedLoop:
+    """A loop of replayed CUDA graphs, timed whole and shared evenly among its steps: a replay makes no
+    Python call per step to time."""
 
-        def timed_loop(stage, model, conditioning, schedule, *args, **kwargs):
-            with timer.timed(f"{stage}_step", calls=schedule.num_steps):
-                return replayed(stage, model, conditioning, schedule, *args, **kwargs)
+    def __init__(self, loop, timer: StageTimer):
+        self._loop, self._timer = loop, timer
 
-        graphs.denoise = timed_loop
-    try:
-        yield
-    finally:
-        for name, stage in originals.items():
-            setattr(pipe, name, stage)
-        if graphs is not None:
-            del graphs.denoise
+    def denoise(self, stage, model, conditioning, schedule, *args, **kwargs):
+        with self._timer.timed(f"{stage}_step", calls=schedule.num_steps):
+            return self._loop.denoise(stage, model, conditioning, schedule, *args, **kwargs)
 
 
 @contextlib.contextmanager
-def instrument_diffusers(pipe, timer: StageTimer) -> Iterator[None]:
-    """Time diffusers' stages: forward hooks on its modules, and its VQGAN's `decode`."""
+def instrument_engine(pipe, timer: StageTimer) -> Iterator[object]:
+    """This engine's pipeline (any backend) with every stage timed: the same pipeline over timed stage
+    objects (`WuerstchenPipeline.with_stages`), the original left as it was. Eager loops time each step's
+    model call; captured loops are timed whole."""
+    stages = pipe.stages
+    eager = isinstance(stages.loop, EagerLoop)
+    yield pipe.with_stages(dataclasses.replace(
+        stages,
+        prior_text=_TimedStage(stages.prior_text, timer, "prior_text"),
+        prior=_TimedStage(stages.prior, timer, "prior_step" if eager else None, "prior_condition"),
+        decoder_text=_TimedStage(stages.decoder_text, timer, "decoder_text"),
+        decoder=_TimedStage(stages.decoder, timer, "decoder_step" if eager else None, "decoder_condition"),
+        vqgan=_TimedStage(stages.vqgan, timer, "vqgan_decode"),
+        loop=stages.loop if eager else _TimedLoop(stages.loop, timer),
+    ))
+
+
+@contextlib.contextmanager
+def instrument_diffusers(pipe, timer: StageTimer) -> Iterator[object]:
+    """diffusers' pipeline with its stages timed, for the duration of the block: forward hooks on its modules,
+    and its VQGAN's `decode`."""
     handles, open_calls = [], {}
     modules = {"prior_text": pipe.prior_pipe.text_encoder, "prior_step": pipe.prior_pipe.prior,
                "decoder_text": pipe.decoder_pipe.text_encoder, "decoder_step": pipe.decoder_pipe.decoder}
@@ -152,7 +134,7 @@ def instrument_diffusers(pipe, timer: StageTimer) -> Iterator[None]:
 
     vqgan.decode = timed_decode
     try:
-        yield
+        yield pipe
     finally:
         for handle in handles:
             handle.remove()
@@ -190,21 +172,23 @@ class Measurement:
 
 
 def measure(
-    run: Callable[[], object], instrument: Callable[[StageTimer], contextlib.AbstractContextManager] | None,
+    pipe, run: Callable[[object], object],
+    instrument: Callable[[object, StageTimer], contextlib.AbstractContextManager] | None,
     device: torch.device, warmup: int, runs: int,
 ) -> Measurement:
-    """Time `run()` `runs` times after `warmup` untimed calls; per stage too when `instrument` is given."""
+    """Time `run(pipe)` `runs` times after `warmup` untimed calls; per stage too when `instrument` is given
+    (`instrument(pipe, timer)` yields the pipeline to run with its stages timed)."""
     for _ in range(warmup):
-        run()
+        run(pipe)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timer = StageTimer(device)
     seconds, stage_ms = [], {}
-    with instrument(timer) if instrument else contextlib.nullcontext():
+    with instrument(pipe, timer) if instrument else contextlib.nullcontext(pipe) as target:
         for _ in range(runs):
             start = time.perf_counter()
-            run()
+            run(target)
             _sync(device)
             seconds.append(time.perf_counter() - start)
             for stage, ms in timer.collect().items():

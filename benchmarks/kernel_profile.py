@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from benchmarks.harness import cuda_median_ms
 from engine.config import WuerstchenConfig
@@ -87,18 +88,33 @@ class StageInputs:
         )
 
 
-def stage_steps(pipe, inputs: StageInputs) -> dict[str, Callable[[], torch.Tensor]]:
-    """This engine's prior step, decoder step and VQGAN decode on `inputs`, as the pipeline's backend runs
-    them, eagerly; each stage's text conditioning is computed once, here."""
+def random_stages(config: WuerstchenConfig, device: torch.device, dtype: torch.dtype,
+                  seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The plain prior, decoder and VQGAN of `config` with the seeded random weights of the preset pipeline
+    (`WuerstchenPipeline.from_preset(..., seed=seed)`)."""
+    from engine.models import Decoder, Prior, VQGANDecoder
+    from engine.weights import random_stage
+
+    # The noise heads are shrunk, as the preset pipeline shrinks them: random heads bring the denominators
+    # of the noise parametrisations near zero.
+    return (random_stage(Prior, config.prior, seed + 1, device, dtype, shrink=("out.1.",)),
+            random_stage(Decoder, config.decoder, seed + 3, device, dtype, shrink=("clf.1.",)),
+            random_stage(VQGANDecoder, config.vqgan, seed + 4, device, dtype))
+
+
+def stage_steps(prior, decoder, vqgan, inputs: StageInputs) -> dict[str, Callable[[], torch.Tensor]]:
+    """The prior step, decoder step and VQGAN decode on `inputs`, eagerly, of these three stages (the plain
+    models, what `engine.models.fused.fuse` makes of them, or any objects with their calls); each stage's
+    conditioning is computed once, here."""
     from engine.models.decoder import resize_image_embeddings
 
     x, xd, r = inputs.prior_latent, inputs.decoder_latent, inputs.r
-    kv = pipe.prior.condition(inputs.prior_text)
-    pyramid = resize_image_embeddings(inputs.embedding, pipe.config.decoder, inputs.decoder_levels)
-    decoder_kv, effnet = pipe.decoder.condition(pyramid, inputs.decoder_text)
-    return {"prior_step": lambda: pipe.prior(x, r, kv),
-            "decoder_step": lambda: pipe.decoder(xd, r[:1], decoder_kv, effnet),
-            "vqgan_decode": lambda: pipe.vqgan(xd)}
+    kv = prior.condition(inputs.prior_text)
+    pyramid = resize_image_embeddings(inputs.embedding, decoder.config, inputs.decoder_levels)
+    conditioning = decoder.condition(pyramid, inputs.decoder_text)
+    return {"prior_step": lambda: prior(x, r, kv),
+            "decoder_step": lambda: decoder(xd, r[:1], conditioning),
+            "vqgan_decode": lambda: vqgan(xd)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,18 +129,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.bench import provenance
     from benchmarks.reference import random_reference
-    from engine import WuerstchenPipeline, preset
-    from engine.device import DTYPES
+    from engine import preset
+    from engine.models.fused import fuse
+    from engine.precision import Precision
 
-    device, dtype = torch.device("cuda"), DTYPES[args.dtype]
+    device, dtype = torch.device("cuda"), Precision.parse(args.dtype, "--dtype").torch_dtype
     config = preset("wuerstchen-v2")
     inputs = StageInputs.draw(config, args.size, device, dtype)
     rows, origin = {}, provenance(device)
     with torch.inference_mode():
-        for backend in ("torch", "torch-fast"):
-            pipe = WuerstchenPipeline.from_preset("wuerstchen-v2", device, dtype, backend=backend)
-            rows[backend] = {stage: profile(step) for stage, step in stage_steps(pipe, inputs).items()}
-            del pipe
+        models = random_stages(config, device, dtype)
+        rows["torch"] = {stage: profile(step) for stage, step in stage_steps(*models, inputs).items()}
+        # torch-fast's stages, eagerly: the fused models take over the plain ones, which have been measured.
+        fused = [fuse(model) for model in models]
+        rows["torch-fast"] = {stage: profile(step) for stage, step in stage_steps(*fused, inputs).items()}
+        del models, fused
         modules = random_reference(config, device=device, dtype=dtype)
         x, xd, r = inputs.prior_latent, inputs.decoder_latent, inputs.r
         rows["diffusers"] = {

@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from engine import WuerstchenConfig, WuerstchenPipeline
+from engine.backends.pytorch import Models, stages
 from engine.models import Decoder, Prior, VQGANDecoder
 from engine.models.vqgan import ENCODER_PREFIXES
+from engine.runtime import Runtime
 from engine.text import ClipStates, TextEncoder
 from engine.weights import build_with_weights, translate_state_dict
 
@@ -58,20 +60,19 @@ def engine_stage(stage: str, module: nn.Module, config: WuerstchenConfig) -> nn.
     return build_with_weights(_ENGINE_CLASSES[stage], getattr(config, stage), translate_state_dict(stage, state))
 
 
-def engine_pipeline(
-    modules: dict[str, nn.Module], tokenizer, config: WuerstchenConfig, device: torch.device, dtype: torch.dtype
-) -> WuerstchenPipeline:
-    """Our pipeline on the weights of `diffusers_pipeline(modules, tokenizer)`."""
-    pipe = WuerstchenPipeline(
-        config=config,
+def engine_pipeline(modules: dict[str, nn.Module], tokenizer, config: WuerstchenConfig,
+                    runtime: Runtime) -> WuerstchenPipeline:
+    """Our pipeline on the weights of `diffusers_pipeline(modules, tokenizer)`, on the runtime's PyTorch
+    backend (its device and precision must be the modules')."""
+    device = runtime.device
+    models = Models(
         prior_text=TextEncoder(tokenizer, ClipStates(modules["prior_text"]), device),
         prior=engine_stage("prior", modules["prior"], config),
         decoder_text=TextEncoder(tokenizer, ClipStates(modules["decoder_text"]), device),
         decoder=engine_stage("decoder", modules["decoder"], config),
         vqgan=engine_stage("vqgan", modules["vqgan"], config),
-        device=device,
-        dtype=dtype,
     )
+    pipe = WuerstchenPipeline(config, stages(models, runtime.backend, runtime.options), runtime)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

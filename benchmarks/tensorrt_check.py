@@ -22,16 +22,20 @@ from pathlib import Path
 
 import torch
 
-TOLERANCES = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 6e-2}  # worst |TensorRT − PyTorch| / max |PyTorch|, per output
+from engine.precision import Precision
+
+# Worst |TensorRT − PyTorch| / max |PyTorch|, per output.
+TOLERANCES = {Precision.FP32: 1e-3, Precision.FP16: 2e-2, Precision.BF16: 6e-2}
 
 
 def compare_graphs(bundle, pipe, settings, cache, buckets) -> dict[str, float]:
     """Every engine against the PyTorch graph it came from, at each profile's corners and middle."""
     from engine.backends.tensorrt import CudaStreams, TensorRTGraph, aligned_empty, device_memory_size
+    from engine.engine_cache import plan_engines, tensorrt_module
     from engine.profiles import GUIDED_GRAPHS
     from engine.shapes import image_shapes
     from export.graphs import graph_specs
-    from export.tensorrt import build_engines, plan_engines, tensorrt_module
+    from export.tensorrt import build_engines
 
     trt = tensorrt_module()
     plans = plan_engines(bundle, settings, cache, buckets)
@@ -70,24 +74,25 @@ def compare_graphs(bundle, pipe, settings, cache, buckets) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", required=True, help="a folder for the bundle and the engines (about 25 GB)")
-    parser.add_argument("--precision", default="bf16", help="bf16 (default), fp16 or fp32")
+    parser.add_argument("--dtype", "--precision", dest="dtype", default="bf16",
+                        help="the engines' precision: bf16 (default), fp16 or fp32")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per pipeline (default 5)")
     args = parser.parse_args(argv)
 
-    from benchmarks.bench import Options, Source, engine_target, run
-    from benchmarks.harness import Recipe, instrument_diffusers
+    from benchmarks.bench import Options, engine_target, run
+    from benchmarks.harness import instrument_diffusers
     from benchmarks.reference import diffusers_pipeline, random_reference
     from benchmarks.report import table, write_json
-    from engine import WuerstchenPipeline, preset
-    from engine.backends import Backend
+    from engine import ModelSource, TensorRTOptions, WuerstchenPipeline, preset, resolve
     from engine.bundle import open_bundle
-    from engine.device import DTYPES
+    from engine.engine_cache import BuildSettings, EngineCache, tensorrt_module
     from engine.profiles import default_buckets, static_bucket
+    from engine.recipe import Recipe
     from engine.text import byte_level_tokenizer
     from export.bundle import export_bundle
-    from export.tensorrt import BuildSettings, EngineCache, tensorrt_module
 
     tensorrt_module()
+    precision = Precision.parse(args.dtype)
     if not torch.cuda.is_available():
         print("tensorrt_check needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -102,32 +107,32 @@ def main(argv: list[str] | None = None) -> int:
     bundle = open_bundle(bundle_path)
 
     # 2 and 3. The engines, then every graph against PyTorch at each of its profiles.
-    settings = BuildSettings(precision=args.precision)
+    settings = BuildSettings(precision=precision)
     config = bundle.config
     buckets = [*default_buckets(config, config.sizes.min, config.sizes.max), static_bucket((1024, 1024), 1)]
     reference = WuerstchenPipeline.from_preset("wuerstchen-v2", device="cuda", dtype=torch.float32)
     worst = compare_graphs(bundle, reference, settings, cache, buckets)
     del reference
-    tolerance = TOLERANCES[args.precision]
-    print(f"worst relative error per graph, TensorRT {args.precision} against PyTorch fp32 (tolerance {tolerance}):")
+    tolerance = TOLERANCES[precision]
+    print(f"worst relative error per graph, TensorRT {precision.value} against PyTorch fp32 (tolerance {tolerance}):")
     for name, error in worst.items():
         print(f"  {name:<18} {error:.2e}{'' if error <= tolerance else '  FAILED'}")
 
     # 4. The pipeline on TensorRT, torch-fast and diffusers, in one run (diffusers on other random weights:
     #    the same cost, and only its time is compared).
-    dtype = DTYPES[args.precision]
+    dtype = precision.torch_dtype
     diffusers = diffusers_pipeline(random_reference(preset("wuerstchen-v2"), device="cuda", dtype=dtype),
                                    byte_level_tokenizer())
+    tensorrt = resolve(ModelSource.from_bundle(bundle_path), "tensorrt", "cuda", precision,
+                       TensorRTOptions(engines=cache.root))
     targets = {
-        "tensorrt": engine_target(WuerstchenPipeline.from_bundle(bundle_path, "tensorrt", precision=args.precision,
-                                                                 engines=cache.root)),
+        "tensorrt": engine_target(WuerstchenPipeline.load(tensorrt)),
         "torch-fast": engine_target(WuerstchenPipeline.from_preset("wuerstchen-v2", "cuda", dtype,
                                                                    backend="torch-fast")),
-        "diffusers": (diffusers, lambda timer: instrument_diffusers(diffusers, timer), contextlib.nullcontext),
+        "diffusers": (diffusers, instrument_diffusers, contextlib.nullcontext),
     }
-    options = Options(source=Source(bundle=str(bundle_path)), backends=(Backend.TENSORRT,),
-                      device=torch.device("cuda"), dtype=dtype, sizes=((1024, 1024),), batches=(1,), recipe=Recipe(),
-                      warmup=2, runs=args.runs, cold_start=False)
+    options = Options(runtimes=(tensorrt,), sizes=((1024, 1024),), batches=(1,), recipe=Recipe(), warmup=2,
+                      runs=args.runs, cold_start=False)
     records = run(options, targets=targets)
     print(table(records))
     write_json(records, work / "tensorrt_check.json")

@@ -17,14 +17,16 @@ import torch
 
 from engine.config import SizeGrid, WuerstchenConfig
 from engine.errors import WuerstchenError
+from engine.precision import Precision
 
 FORMAT = "wuerstchen-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPHS = ("prior_text", "prior_condition", "prior_step", "decoder_text", "decoder_condition", "decoder_step",
           "vqgan_decode")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# The element types of the graphs' inputs and outputs, by the names the manifest gives them.
+TENSOR_DTYPES = {precision.onnx_name: precision.torch_dtype for precision in Precision} | {"int64": torch.int64}
+TENSOR_DTYPE_NAMES = {dtype: name for name, dtype in TENSOR_DTYPES.items()}
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -44,8 +46,9 @@ class Bundle:
     manifest: dict
 
     @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.manifest["dtype"]]
+    def precision(self) -> Precision:
+        """The precision the graphs were exported in."""
+        return Precision.parse(self.manifest["dtype"], field=f"{self.root / MANIFEST}: dtype")
 
     @property
     def config(self) -> WuerstchenConfig:
@@ -57,6 +60,11 @@ class Bundle:
     def graph(self, name: str) -> dict:
         """A graph's manifest entry: file, inputs and outputs (name, dtype, symbolic shape)."""
         return self.manifest["graphs"][name]
+
+    def graph_files(self, name: str) -> list[str]:
+        """A graph's file, then the external-data files its weights live in, as the manifest lists them."""
+        entry = self.graph(name)
+        return [entry["file"], *entry.get("external_data", [])]
 
     def path(self, relative: str) -> Path:
         return self.root / relative

@@ -1,4 +1,10 @@
-"""The `wuerstchen` command line. Bad input is one line on stderr and exit status 2, never a traceback."""
+"""The `wuerstchen` command line. Bad input is one line on stderr and exit status 2, never a traceback.
+
+`generate` lives here, with the flags every command shares (`model_flags`) and the one function that turns
+them into a `Runtime` (`resolve_flags`). The commands of the layers above the runtime register themselves
+as entry points of the group `wuerstchen.commands` (setup.py): `export` and `build` from `export`, `bench`
+from `benchmarks`. The runtime never imports them.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,19 @@ import os
 import secrets
 import sys
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from engine.errors import WuerstchenError
 
+COMMANDS_GROUP = "wuerstchen.commands"
 DEMO_NOTICE = (
     "no --prior/--decoder given: running the built-in tiny demo model, whose weights are random, so the "
     "image is noise. For real images, download warp-ai/wuerstchen-prior and warp-ai/wuerstchen on a machine "
     "with internet (e.g. `hf download warp-ai/wuerstchen-prior --local-dir wuerstchen-prior`) and pass "
     "--prior wuerstchen-prior --decoder wuerstchen."
 )
+EMBEDDINGS_FORMAT = "wuerstchen-image-embeddings"
 
 
 # The API's field names, as the user typed them here.
@@ -26,6 +35,8 @@ FLAGS = {
     "prior_guidance_scale": "--prior-guidance", "decoder_guidance_scale": "--decoder-guidance",
     "num_images_per_prompt": "--num-images", "negative_prompt": "--negative-prompt", "height": "--height",
     "width": "--width", "device": "--device", "dtype": "--dtype", "prior": "--prior", "decoder": "--decoder",
+    "preset": "--preset", "bundle": "--bundle", "backend": "--backend", "variant": "--variant",
+    "image_embeddings": "--embeddings",
 }
 
 
@@ -41,16 +52,55 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def model_flags(parser: argparse.ArgumentParser, *, default_preset: str, bundles: bool = True,
+                backends: str = "one", default_device: str = "auto", default_dtype: str = "auto") -> None:
+    """The flags that choose what runs, the same in every command: the source (--preset, --prior/--decoder
+    with --variant, --bundle), --backend (`backends`: "one", "many" or "none"), --device and --dtype."""
+    parser.add_argument("--preset", help=f"random weights of an architecture: tiny or wuerstchen-v2 (default, "
+                                         f"without folders: {default_preset})")
+    parser.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
+    parser.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
+    parser.add_argument("--variant", metavar="NAME", help="weight file variant to read, e.g. fp16")
+    if bundles:
+        parser.add_argument("--bundle", metavar="DIR", help="an exported bundle (wuerstchen export) to run instead")
+    if backends != "none":
+        parser.add_argument("--backend", nargs="+" if backends == "many" else None, metavar="NAME",
+                            help="torch (default), torch-fast (Triton kernels, CUDA-graph steps) or torch-compile "
+                                 "for weights; onnxruntime (default) or tensorrt for a --bundle"
+                                 + ("; several to compare" if backends == "many" else ""))
+        parser.add_argument("--build-engines", action="store_true",
+                            help="with --backend tensorrt, build missing or stale engines first (else run "
+                                 "`wuerstchen build`)")
+    parser.add_argument("--device", default=default_device,
+                        help=f"auto, cpu, cuda or cuda:N (default {default_device})")
+    auto = ": fp16 on a GPU, fp32 on the CPU; a bundle's own on ONNX Runtime; bf16 on TensorRT"
+    parser.add_argument("--dtype", default=default_dtype, help=f"auto, fp32, fp16 or bf16 (default {default_dtype}"
+                                                               f"{auto if default_dtype == 'auto' else ''})")
+    parser.set_defaults(default_preset=default_preset)
+
+
+def resolve_flags(args: argparse.Namespace, backend: str | None = None):
+    """The `Runtime` that `model_flags` ask for (with `backend` in place of --backend, for commands that run
+    several or one of their own): the same answer for the same flags in every command."""
+    from engine.backends import Backend, TensorRTOptions
+    from engine.runtime import ModelSource, resolve
+
+    source = ModelSource.choose(preset=args.preset, prior=args.prior, decoder=args.decoder,
+                                bundle=getattr(args, "bundle", None), variant=args.variant,
+                                default_preset=args.default_preset)
+    chosen = backend or getattr(args, "backend", None)
+    options = None
+    if chosen is not None and Backend.parse(chosen) is Backend.TENSORRT:
+        options = TensorRTOptions(build_missing=getattr(args, "build_engines", False))
+    return resolve(source, chosen, args.device, args.dtype, options)
+
+
 def _output_paths(out: str, count: int) -> list[Path]:
     """`out` itself for one image; `out`'s stem with -0, -1, ... for several."""
     path = Path(out)
     if path.suffix.lower() != ".png":
         raise WuerstchenError(f"--out={out!r}: expected a file name ending in .png")
-    parent = path.parent
-    if not parent.is_dir():
-        raise WuerstchenError(f"--out={out!r}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise WuerstchenError(f"--out={out!r}: folder {str(parent)!r} is not writable")
+    _writable_folder("--out", out)
     paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
     for p in paths:
         if p.is_dir() or (p.exists() and not os.access(p, os.W_OK)):
@@ -58,102 +108,169 @@ def _output_paths(out: str, count: int) -> list[Path]:
     return paths
 
 
-def _model(args: argparse.Namespace):
-    """What --prior/--decoder, --bundle and --backend ask for: the config to check a request against
-    (read without loading weights), a loader, and how the PNG names the model."""
-    from engine.backends import Backend
-    from engine.bundle import open_bundle
-    from engine.config import preset
-    from engine.device import resolve_device, resolve_dtype
-    from engine.pipeline import WuerstchenPipeline, read_config
+def _writable_folder(flag: str, file: str) -> None:
+    parent = Path(file).parent
+    if not parent.is_dir():
+        raise WuerstchenError(f"{flag}={file!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise WuerstchenError(f"{flag}={file!r}: folder {str(parent)!r} is not writable")
 
-    backend = Backend.parse(args.backend or (Backend.ONNXRUNTIME if args.bundle else Backend.TORCH))
-    if args.bundle is not None:
-        if args.prior or args.decoder:
-            raise WuerstchenError("--bundle given with --prior/--decoder: pass one model source")
-        if not backend.runs_bundles:
-            raise WuerstchenError(f"--backend {backend.value} cannot run a --bundle: expected onnxruntime or "
-                                  "tensorrt")
-        config = open_bundle(args.bundle, check_hashes=False).config
-        if backend is Backend.TENSORRT:
-            precision = {"auto": "bf16", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(
-                args.dtype, args.dtype)
-            return (config, lambda: WuerstchenPipeline.from_bundle(args.bundle, backend, precision=precision),
-                    f"bundle {args.bundle} on tensorrt {precision}")
-        if args.dtype != "auto":
-            raise WuerstchenError(f"--dtype {args.dtype}: ONNX Runtime runs a bundle in the dtype it was exported in")
-        device = resolve_device(args.device)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
-        if args.device == "cpu":
-            providers = ["CPUExecutionProvider"]
-        return (config, lambda: WuerstchenPipeline.from_bundle(args.bundle, backend, providers=providers),
-                f"bundle {args.bundle} on {backend.value}")
-    if backend.runs_bundles:
-        raise WuerstchenError(f"--backend {backend.value} runs a --bundle: make one with `wuerstchen export`")
-    if (args.prior is None) != (args.decoder is None):
-        given, missing = ("--prior", "--decoder") if args.prior else ("--decoder", "--prior")
-        raise WuerstchenError(f"{given} given without {missing}: pass both folders, or neither for the demo model")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    if args.prior is None:
-        return (preset("tiny"),
-                lambda: WuerstchenPipeline.from_preset("tiny", device=device, dtype=dtype, backend=backend),
-                f"tiny demo (random weights) on {backend.value}")
-    return (read_config(args.prior, args.decoder),
-            lambda: WuerstchenPipeline.from_pretrained(args.prior, args.decoder, device=device, dtype=dtype,
-                                                       variant=args.variant, backend=backend),
-            f"{args.prior} + {args.decoder} on {backend.value}")
+
+def _recipe(args: argparse.Namespace):
+    """The recipe the flags ask for: the published one where a flag is not given."""
+    from engine.recipe import Recipe
+
+    published = Recipe()
+    given = {name: getattr(args, flag) for name, flag in (
+        ("height", "height"), ("width", "width"), ("prior_steps", "prior_steps"),
+        ("prior_guidance", "prior_guidance"), ("decoder_steps", "decoder_steps"),
+        ("decoder_guidance", "decoder_guidance"))}
+    return Recipe(**{name: getattr(published, name) if value is None else value for name, value in given.items()})
+
+
+def write_embeddings(path: str, embeddings, generator, metadata: dict) -> None:
+    """The prior's image embeddings as safetensors, with the generator's state after the prior (so that
+    decoding them later with that state gives the image the whole pipeline gives) and the settings."""
+    from safetensors.torch import save
+
+    from engine.files import write_atomically
+
+    tensors = {"image_embeddings": embeddings.float().cpu().contiguous()}
+    if generator is not None:
+        tensors["generator_state"] = generator.get_state()
+    header = {"format": EMBEDDINGS_FORMAT, "format_version": "1", **{k: str(v) for k, v in metadata.items()}}
+    try:
+        write_atomically(path, save(tensors, metadata=header))
+    except OSError as error:
+        raise WuerstchenError(f"--save-embeddings={path!r}: cannot write it: {error.strerror or error}") from None
+
+
+def read_embeddings(path: str) -> tuple:
+    """(image embeddings, the generator state after the prior or None, metadata) from `write_embeddings`'s
+    file; anything else is a one-line error naming the file."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise WuerstchenError(f"--embeddings={path!r}: file does not exist")
+    try:
+        with safe_open(path, framework="pt") as file:
+            metadata, keys = file.metadata() or {}, set(file.keys())
+            if metadata.get("format") != EMBEDDINGS_FORMAT or metadata.get("format_version") != "1" or \
+                    not keys <= {"image_embeddings", "generator_state"} or "image_embeddings" not in keys:
+                raise WuerstchenError(f"--embeddings={path!r}: not a file of image embeddings written by "
+                                      "`wuerstchen generate --save-embeddings`")
+            embeddings = file.get_tensor("image_embeddings")
+            state = file.get_tensor("generator_state") if "generator_state" in keys else None
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise WuerstchenError(f"--embeddings={path!r} is not a readable safetensors file: {error}") from None
+    expected_state = torch.Generator().get_state()
+    if state is not None and (state.dtype != expected_state.dtype or state.shape != expected_state.shape):
+        raise WuerstchenError(f"--embeddings={path!r}: its generator_state is not a CPU generator's state")
+    return embeddings, state, metadata
 
 
 def generate(args: argparse.Namespace) -> int:
     import torch
-    from PIL.PngImagePlugin import PngInfo
 
-    from engine.device import DTYPE_NAMES, resolve_device
-    from engine.pipeline import check_request
-    from engine.schedule import DEFAULT_PRIOR_TIMESTEPS
+    from engine.pipeline import WuerstchenPipeline, check_decoder_request, check_image_embeddings, check_prior_request
 
-    config, load, model = _model(args)
-    seed = secrets.randbelow(2**31) if args.seed is None else args.seed
-    published_prior = args.prior_steps is None
-    call = dict(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        height=args.height,
-        width=args.width,
-        # Without --prior-steps, the published 29-evaluation schedule; with it, evenly spaced steps.
-        prior_num_inference_steps=len(DEFAULT_PRIOR_TIMESTEPS) - 1 if published_prior else args.prior_steps,
-        prior_timesteps=DEFAULT_PRIOR_TIMESTEPS if published_prior else None,
-        prior_guidance_scale=args.prior_guidance,
-        num_inference_steps=args.decoder_steps,
-        decoder_timesteps=None,
-        decoder_guidance_scale=args.decoder_guidance,
-        num_images_per_prompt=args.num_images,
-    )
+    runtime = resolve_flags(args)
+    config = runtime.source.read_config()
+    recipe = _recipe(args)
 
     # 1. Check everything a user typed before loading gigabytes of weights.
-    check_request(config, resolve_device(args.device), **call, generator=None, output_type="pil")
-    paths = _output_paths(args.out, args.num_images)
+    if args.out is None and args.save_embeddings is None:
+        raise WuerstchenError("--out is missing: name the PNG to write (or only --save-embeddings FILE, to run "
+                              "the prior alone)")
+    decoder_args = dict(prompt=args.prompt, negative_prompt=args.negative_prompt,
+                        num_inference_steps=recipe.decoder_steps, timesteps=None,
+                        guidance_scale=recipe.decoder_guidance, guidance_name="decoder_guidance_scale")
+    stored_state = None
+    if args.embeddings is not None:
+        for flag in ("height", "width", "prior_steps", "prior_guidance", "save_embeddings"):
+            if getattr(args, flag) is not None:
+                raise WuerstchenError(f"--{flag.replace('_', '-')} does not apply with --embeddings: the prior has "
+                                      "already run (the size follows from the embeddings)")
+        embeddings, stored_state, _ = read_embeddings(args.embeddings)
+        embeddings = check_image_embeddings(config, embeddings, torch.device("cpu"), torch.float32)
+        decoder = check_decoder_request(config, embeddings.shape, num_images_per_prompt=args.num_images,
+                                        **decoder_args)
+        count = decoder.shapes.batch
+    else:
+        prior = check_prior_request(
+            config, prompt=args.prompt, negative_prompt=args.negative_prompt, height=recipe.height,
+            width=recipe.width, num_inference_steps=recipe.prior_evaluations, timesteps=recipe.prior_timesteps,
+            guidance_scale=recipe.prior_guidance, num_images_per_prompt=args.num_images,
+            steps_name="prior_num_inference_steps", guidance_name="prior_guidance_scale")
+        check_decoder_request(config, prior.shapes.prior_latent, num_images_per_prompt=1, **decoder_args)
+        count = prior.shapes.batch
+    paths = _output_paths(args.out, count) if args.out is not None else []
+    if args.save_embeddings is not None:
+        _writable_folder("--save-embeddings", args.save_embeddings)
 
     # 2. Load.
     start = time.perf_counter()
-    if args.prior is None and args.bundle is None:
+    if runtime.source.kind == "preset" and runtime.source.preset == "tiny":
         print(f"wuerstchen: {DEMO_NOTICE}", file=sys.stderr)
-    pipe = load()
+    pipe = WuerstchenPipeline.load(runtime)
     load_seconds = time.perf_counter() - start
 
-    # 3. Generate with a CPU generator, so a seed gives the same noise on every device.
-    output = pipe(**call, generator=torch.Generator().manual_seed(seed), output_type="pil")
+    # 3. Generate with a CPU generator, so a seed gives the same noise on every device: the prior, then the
+    #    decoder on its embeddings (what one pipeline call does), or the decoder alone on embeddings from a file.
+    generator = torch.Generator()
+    if args.seed is None and stored_state is not None:
+        generator.set_state(stored_state)  # where the prior that made the embeddings left off
+        seed = None
+    else:
+        seed = secrets.randbelow(2**31) if args.seed is None else args.seed
+        generator.manual_seed(seed)
+    timings = {}
+    settings = {"prior_num_inference_steps": recipe.prior_evaluations,
+                "prior_timesteps": "published" if recipe.published_prior else "linspace",
+                "prior_guidance_scale": recipe.prior_guidance, "height": recipe.height, "width": recipe.width,
+                "num_inference_steps": recipe.decoder_steps, "decoder_guidance_scale": recipe.decoder_guidance,
+                "num_images_per_prompt": args.num_images,
+                "model": runtime.describe(), "dtype": runtime.precision.value, "device": runtime.device.type}
+    if args.embeddings is None:
+        output = pipe.run_prior(args.prompt, recipe.height, recipe.width, recipe.prior_evaluations,
+                                recipe.prior_timesteps, recipe.prior_guidance, args.negative_prompt, args.num_images,
+                                generator)
+        embeddings, timings = output.image_embeddings, output.timings
+        if args.save_embeddings is not None:
+            write_embeddings(args.save_embeddings, embeddings, generator,
+                             {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
+                              "settings": json.dumps(settings, sort_keys=True)})
+            print(f"wrote {args.save_embeddings} (image embeddings {tuple(embeddings.shape)}, seed {seed})")
+    else:
+        settings.update(embeddings=Path(args.embeddings).name, height=None, width=None)
+        for key in ("prior_num_inference_steps", "prior_timesteps", "prior_guidance_scale"):
+            del settings[key]
+    if paths:
+        output = pipe.run_decoder(embeddings, args.prompt, recipe.decoder_steps, None, recipe.decoder_guidance,
+                                  args.negative_prompt, 1 if args.embeddings is None else args.num_images, generator)
+        for stage, seconds in output.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+        _write_pngs(output.images, paths, args, seed, settings)
 
-    # 4. Save with the settings in the PNG's text chunks (nothing time-dependent: same seed, same bytes).
-    settings = {k: v for k, v in call.items() if not k.endswith(("prompt", "timesteps"))}
-    settings.update(prior_timesteps="published" if published_prior else "linspace", model=model,
-                    dtype=DTYPE_NAMES[pipe.dtype], device=pipe.device.type)
-    for index, (image, path) in enumerate(zip(output.images, paths, strict=True)):
+    # 4. Report the time of each stage that ran.
+    steps = {"prior": recipe.prior_evaluations, "decoder": recipe.decoder_steps}
+    parts = [f"load {load_seconds:.2f} s"] + [
+        f"{stage} {seconds:.2f} s" + (f" ({steps[stage]} steps)" if stage in steps else "")
+        for stage, seconds in timings.items()]
+    print(" · ".join(parts + [f"total {sum(timings.values()):.2f} s"]))
+    return 0
+
+
+def _write_pngs(images, paths: list[Path], args: argparse.Namespace, seed: int | None, settings: dict) -> None:
+    """Each image with the settings in its text chunks (nothing time-dependent: same seed, same bytes)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    for index, (image, path) in enumerate(zip(images, paths, strict=True)):
         info = PngInfo()
         info.add_text("prompt", args.prompt)
         info.add_text("negative_prompt", args.negative_prompt or "")
-        info.add_text("seed", str(seed))
+        info.add_text("seed", "" if seed is None else str(seed))
         info.add_text("image_index", str(index))
         info.add_text("settings", json.dumps(settings, sort_keys=True))
         try:
@@ -161,69 +278,14 @@ def generate(args: argparse.Namespace) -> int:
         except OSError as error:
             reason = error.strerror or error
             raise WuerstchenError(f"--out={args.out!r}: cannot write {str(path)!r}: {reason}") from None
-        print(f"wrote {path} ({image.width}×{image.height}, seed {seed})")
-
-    t = output.timings
-    steps = call["prior_num_inference_steps"], call["num_inference_steps"]
-    print(
-        f"load {load_seconds:.2f} s · text {t['text']:.2f} s · prior {t['prior']:.2f} s ({steps[0]} steps) · "
-        f"decoder {t['decoder']:.2f} s ({steps[1]} steps) · vqgan {t['vqgan']:.2f} s · "
-        f"total {sum(t.values()):.2f} s"
-    )
-    return 0
-
-
-def export(args: argparse.Namespace) -> int:
-    import torch
-
-    from engine.device import resolve_dtype
-    from engine.pipeline import WuerstchenPipeline
-
-    try:
-        from export.bundle import export_bundle, folder_sources
-        from export.verify import TOLERANCES, verify_bundle
-    except ImportError as error:
-        raise WuerstchenError(f"export needs the ONNX tools ({error.name} is missing): pip install -e '.[onnx]'") \
-            from None
-    if (args.prior is None) != (args.decoder is None):
-        given, missing = ("--prior", "--decoder") if args.prior else ("--decoder", "--prior")
-        raise WuerstchenError(f"{given} given without {missing}: pass both folders, or neither for the demo model")
-    cpu = torch.device("cpu")
-    dtype = resolve_dtype(args.dtype, cpu)
-    if args.prior is not None and args.preset is not None:
-        raise WuerstchenError("--preset given with --prior/--decoder: pass one model source")
-    if args.prior is None:
-        name = args.preset or "tiny"
-        pipe, sources = WuerstchenPipeline.from_preset(name, cpu, dtype), {"preset": name, "seed": 0}
-    else:
-        pipe = WuerstchenPipeline.from_pretrained(args.prior, args.decoder, cpu, dtype, variant=args.variant)
-        sources = folder_sources(args.prior, args.decoder)
-    start = time.perf_counter()
-    export_bundle(pipe, args.out, sources, min_size=args.min_size, max_size=args.max_size)
-    print(f"wrote bundle {args.out} in {time.perf_counter() - start:.1f} s")
-    if not args.verify:
-        return 0
-    worst = verify_bundle(pipe, args.out)
-    tolerance = TOLERANCES.get(dtype, 5e-2)
-    print(f"worst relative error, ONNX Runtime against PyTorch (tolerance {tolerance:g}):")
-    for name, error in worst.items():
-        print(f"  {name:<18} {error:.2e}{'' if error <= tolerance else '  FAILED'}")
-    return 0 if all(error <= tolerance for error in worst.values()) else 1
-
-
-def _build(args: argparse.Namespace) -> int:
-    from export.tensorrt import build_command
-
-    return build_command(args)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from benchmarks.bench import command
-
-    return command(args)
+        shown = f"seed {seed}" if seed is not None else "generator state from --embeddings"
+        print(f"wrote {path} ({image.width}×{image.height}, {shown})")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.recipe import Recipe
+
+    published = Recipe()
     parser = _Parser(prog="wuerstchen", description="Würstchen v2 text-to-image inference engine.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -231,95 +293,33 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Make images from a prompt. Without --prior/--decoder, runs a tiny "
                                           "demo model with random weights.")
     gen.add_argument("prompt", help="what the image shows (empty is allowed)")
-    gen.add_argument("--out", required=True, metavar="FILE.png",
+    gen.add_argument("--out", metavar="FILE.png",
                      help="where to write the image; with --num-images N, FILE-0.png … FILE-(N-1).png")
-    gen.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
-    gen.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
-    gen.add_argument("--variant", metavar="NAME", help="weight file variant to read, e.g. fp16")
-    gen.add_argument("--bundle", metavar="DIR", help="an exported bundle (wuerstchen export) to run instead")
-    gen.add_argument("--backend", help="torch (default), torch-fast (Triton attention, CUDA-graph steps) or "
-                                       "torch-compile for folders and the demo; onnxruntime (default) or tensorrt "
-                                       "for a --bundle")
+    model_flags(gen, default_preset="tiny")
     gen.add_argument("--negative-prompt", help="what the image should not show (used by every guided stage)")
-    gen.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 128 (default 1024)")
-    gen.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 128 (default 1024)")
+    gen.add_argument("--height", type=int, help=f"pixels, a multiple of 128 (default {published.height})")
+    gen.add_argument("--width", type=int, help=f"pixels, a multiple of 128 (default {published.width})")
     gen.add_argument("--prior-steps", type=int, metavar="N",
                      help="evenly spaced prior steps (default: the published 29-step schedule)")
-    gen.add_argument("--decoder-steps", type=int, default=12, metavar="N", help="decoder steps (default 12)")
-    gen.add_argument("--prior-guidance", type=float, default=4.0, help="classifier-free guidance (default 4)")
-    gen.add_argument("--decoder-guidance", type=float, default=0.0,
-                     help="decoder guidance, on above 1 (default 0: off)")
-    gen.add_argument("--num-images", type=int, default=1, metavar="N", help="images to make (default 1)")
-    gen.add_argument("--seed", type=int, help="random seed (default: a random one, printed and saved)")
-    gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
+    gen.add_argument("--decoder-steps", type=int, metavar="N",
+                     help=f"decoder steps (default {published.decoder_steps})")
+    gen.add_argument("--prior-guidance", type=float,
+                     help=f"classifier-free guidance (default {published.prior_guidance:g})")
+    gen.add_argument("--decoder-guidance", type=float,
+                     help=f"decoder guidance, on above 1 (default {published.decoder_guidance:g}: off)")
+    gen.add_argument("--num-images", type=int, default=1, metavar="N",
+                     help="images to make (default 1); with --embeddings, per embedding")
+    gen.add_argument("--seed", type=int, help="random seed (default: a random one, printed and saved; with "
+                                              "--embeddings, where the prior that made them left off)")
+    gen.add_argument("--save-embeddings", metavar="FILE",
+                     help="also write the prior's image embeddings (safetensors) to decode later; without --out, "
+                          "run the prior only")
+    gen.add_argument("--embeddings", metavar="FILE",
+                     help="decode image embeddings from --save-embeddings instead of running the prior")
     gen.set_defaults(run=generate)
 
-    exp = commands.add_parser("export", help="export every stage to ONNX as one bundle",
-                              description="Export every stage to ONNX as one bundle folder. Without "
-                                          "--prior/--decoder, exports the tiny demo model.")
-    exp.add_argument("--out", required=True, metavar="BUNDLE", help="a new (or empty) folder for the bundle")
-    exp.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
-    exp.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
-    exp.add_argument("--variant", metavar="NAME", help="weight file variant to read, e.g. fp16")
-    exp.add_argument("--preset", help="without folders: tiny (default) or wuerstchen-v2, with random weights")
-    exp.add_argument("--dtype", default="fp32", help="fp32 (default), fp16 or bf16: the graphs' precision")
-    exp.add_argument("--min-size", type=int, default=256, help="smallest image side served (default 256)")
-    exp.add_argument("--max-size", type=int, default=1536, help="largest image side served (default 1536)")
-    exp.add_argument("--verify", action="store_true",
-                     help="compare every graph in ONNX Runtime with PyTorch at several sizes and batch sizes")
-    exp.set_defaults(run=export)
-
-    build = commands.add_parser(
-        "build", help="build TensorRT engines from a bundle (GPU and TensorRT needed; --check needs neither)",
-        description="Build one TensorRT engine per graph of a bundle, with resolution buckets as optimization "
-                    "profiles, into a cache keyed by everything a plan depends on. --check prints the engines, "
-                    "profiles and cache keys without building.")
-    build.add_argument("bundle", metavar="BUNDLE", help="a bundle folder written by `wuerstchen export`")
-    build.add_argument("--precision", default="bf16", help="bf16 (default), fp16 or fp32")
-    build.add_argument("--check", action="store_true", help="print what would be built, and build nothing")
-    build.add_argument("--cache", metavar="DIR", help="the engine cache (default BUNDLE/engines)")
-    build.add_argument("--max-batch", type=int, default=4, help="images per call the engines accept (default 4)")
-    build.add_argument("--static", type=int, nargs="*", default=[], metavar="SIZE",
-                       help="also a static profile per square size, for CUDA graphs (e.g. 1024)")
-    build.add_argument("--static-batch", type=int, default=1, help="batch of the static profiles (default 1)")
-    build.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5 "
-                                                                "(default 3)")
-    build.add_argument("--workspace-gb", type=float, default=8.0, help="workspace limit in GiB (default 8)")
-    build.add_argument("--tactic-dram-gb", type=float, help="limit on tactic memory during the build, GiB")
-    build.add_argument("--timing-cache", metavar="FILE", help="a timing cache to read and extend")
-    build.set_defaults(run=lambda args: _build(args))
-
-    bench = commands.add_parser(
-        "bench", help="measure latency, throughput and efficiency, optionally against diffusers",
-        description="Measure end-to-end latency, per-stage times, throughput, peak memory, cold start and "
-                    "achieved TFLOP/s. Without a source, the full-size architecture with random weights.")
-    bench.add_argument("--preset", help="wuerstchen-v2 (default: random full-size weights) or tiny")
-    bench.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
-    bench.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
-    bench.add_argument("--bundle", metavar="DIR", help="an exported bundle, run with --backend onnxruntime")
-    bench.add_argument("--backend", nargs="+", metavar="NAME",
-                       help="one or more of torch (default), torch-fast, torch-compile; onnxruntime or tensorrt "
-                            "with --bundle")
-    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    bench.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU)")
-    bench.add_argument("--sizes", nargs="+", default=["1024"], metavar="SIZE",
-                       help="image sizes: 1024 or HEIGHTxWIDTH (default 1024)")
-    bench.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N", help="images per call (default 1)")
-    bench.add_argument("--prior-steps", type=int, metavar="N", help="evenly spaced prior steps (default: the "
-                                                                   "published 29-evaluation schedule)")
-    bench.add_argument("--decoder-steps", type=int, default=12, metavar="N", help="decoder steps (default 12)")
-    bench.add_argument("--prior-guidance", type=float, default=4.0, help="prior guidance (default 4)")
-    bench.add_argument("--decoder-guidance", type=float, default=0.0, help="decoder guidance (default 0: off)")
-    bench.add_argument("--runs", type=int, default=5, help="timed runs per measurement (default 5)")
-    bench.add_argument("--warmup", type=int, default=2, help="untimed runs first, at least 1 (default 2)")
-    bench.add_argument("--baseline", nargs="+", default=[], metavar="NAME",
-                       help="also measure, same process and weights: diffusers, diffusers-compile")
-    bench.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start runs")
-    bench.add_argument("--json", metavar="FILE", help="write every record, with provenance, as JSON")
-    bench.add_argument("--csv", metavar="FILE", help="append one row per record")
-    bench.add_argument("--plot", metavar="FILE.png", help="plot per-stage latency and throughput (matplotlib)")
-    bench.set_defaults(run=lambda args: _bench(args))
+    for command in entry_points(group=COMMANDS_GROUP):
+        command.load()(commands)
     return parser
 
 

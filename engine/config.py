@@ -227,9 +227,12 @@ class WuerstchenConfig:
     sizes: SizeGrid = field(default_factory=SizeGrid)
 
     def __post_init__(self):
+        # The decoder reads the prior's output only where it injects it; a decoder that injects nothing
+        # takes embeddings of any width (diffusers loads and runs that combination too).
         _require(
-            self.prior.c_in == self.decoder.effnet_embd,
-            f"prior c_in={self.prior.c_in} must equal decoder effnet_embd={self.decoder.effnet_embd}",
+            self.prior.c_in == self.decoder.effnet_embd or not any(self.decoder.inject_effnet),
+            f"prior c_in={self.prior.c_in} must equal decoder effnet_embd={self.decoder.effnet_embd}, the width of "
+            "the image embeddings the decoder injects",
         )
         _require(
             self.decoder.c_in == self.vqgan.latent_channels,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -44,6 +45,25 @@ def denoise(
         if progress is not None:
             progress.update()
     return x
+
+
+class Loop(Protocol):
+    """How a stage's denoising loop runs: `EagerLoop`, or `StepGraphs` on the fast backends."""
+
+    def denoise(
+        self, stage: str, model: Model, conditioning: tuple[torch.Tensor, ...], schedule: DenoisingSchedule,
+        initial: torch.Tensor, noise: Sequence[torch.Tensor], guidance_scale: float, progress=None,
+    ) -> torch.Tensor: ...
+
+
+class EagerLoop:
+    """The loop as plain calls (`denoise`); what every backend but the fast ones runs."""
+
+    def denoise(
+        self, stage: str, model: Model, conditioning: tuple[torch.Tensor, ...], schedule: DenoisingSchedule,
+        initial: torch.Tensor, noise: Sequence[torch.Tensor], guidance_scale: float, progress=None,
+    ) -> torch.Tensor:
+        return denoise(model, conditioning, schedule, initial, noise, guidance_scale, progress)
 
 
 class StepGraph:

@@ -1,17 +1,10 @@
-"""Device and precision choices, as given by a user (`"cuda:0"`, `"bf16"`, `"auto"`) or as torch objects."""
+"""Devices as users name them (`"auto"`, `"cpu"`, `"cuda:0"`), checked against this machine."""
 
 from __future__ import annotations
 
 import torch
 
 from engine.errors import WuerstchenError
-
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -33,14 +26,3 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if resolved.index is not None and resolved.index >= count:
         raise WuerstchenError(f"device={device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
     return resolved
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`None` or "auto" is fp16 on a GPU and fp32 on the CPU."""
-    if dtype is None or dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype) and dtype in DTYPE_NAMES:
-        return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
-        return DTYPES[dtype]
-    raise WuerstchenError(f"dtype={dtype!r} is not supported: expected auto, fp32, fp16 or bf16")

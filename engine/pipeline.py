@@ -1,14 +1,16 @@
 """The text-to-image pipeline: prompts → CLIP states → prior loop → ×42 − 1 → decoder loop → VQGAN → images.
 
-`WuerstchenPipeline` is a drop-in for diffusers' `WuerstchenCombinedPipeline` on its common arguments:
-with the same weights and the same `torch.Generator` it makes the same images (fp32, CPU).
+`WuerstchenPipeline` is a drop-in for diffusers' `WuerstchenCombinedPipeline` on its common arguments, and
+its two stages for diffusers' `WuerstchenPriorPipeline` (`run_prior`: prompts → image embeddings) and
+`WuerstchenDecoderPipeline` (`run_decoder`: image embeddings and prompts → images). With the same weights and
+the same `torch.Generator` each makes the same output as its diffusers counterpart (fp32, CPU). It drives
+the `Stages` that a backend loaded, and never knows which backend that was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,61 +21,65 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from engine.backends import Backend
-from engine.bundle import open_bundle
-from engine.config import (
-    DecoderConfig,
-    PriorConfig,
-    ScheduleConfig,
-    VQGANConfig,
-    WuerstchenConfig,
-    preset,
-)
-from engine.denoise import Model, StepGraphs, denoise
-from engine.device import resolve_device, resolve_dtype
+from engine import backends
+from engine.backends import Backend, BackendOptions
+from engine.config import WuerstchenConfig
 from engine.errors import WuerstchenError
-from engine.models import Decoder, Prior, VQGANDecoder
-from engine.models.blocks import use_attention, use_channels_last, use_fused_kernels
 from engine.models.decoder import resize_image_embeddings
-from engine.schedule import DenoisingSchedule, Generator, draw_denoising_noise, make_schedule, timestep_grid
-from engine.shapes import Shapes, image_shapes
-from engine.text import TextEncoder, load_text_encoder, random_text_encoder, text_encoder_config
-from engine.weights import (
-    DECODER_LAYOUT,
-    PRIOR_LAYOUT,
-    check_layout,
-    load_stage,
-    random_stage,
-    read_model_index,
-)
+from engine.precision import Precision
+from engine.runtime import ModelSource, Runtime, resolve
+from engine.schedule import Generator, draw_denoising_noise, make_schedule, timestep_grid
+from engine.shapes import Shapes, embedding_shapes, image_shapes
+from engine.stages import Stages
+from engine.text import TextEncoder
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+EMBEDDING_OUTPUT_TYPES = ("pt", "np")
 
 
 @dataclass
 class WuerstchenOutput:
     """`images` as diffusers returns them for the output type: a list of PIL images ("pil"), an array
     (N, H, W, 3) in [0, 1] ("np"), a tensor (N, 3, H, W) in [0, 1] ("pt"), or the decoder's latents
-    ("latent"). `timings` holds the wall-clock seconds of each stage: text, prior, decoder, vqgan."""
+    ("latent"). `timings` holds the wall-clock seconds of each stage that ran: text, prior, decoder, vqgan."""
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     timings: dict[str, float]
 
 
+@dataclass
+class WuerstchenPriorOutput:
+    """`image_embeddings` as diffusers' `WuerstchenPriorPipeline` returns them: the prior's latents times 42
+    minus 1, (N, 16, h, w), a tensor ("pt") or an array ("np"). `timings`: seconds of the text and prior stages."""
+
+    image_embeddings: torch.Tensor | np.ndarray
+    timings: dict[str, float]
+
+
 @dataclass(frozen=True)
-class Request:
-    """A checked call: everything the pipeline needs, validated before any work starts."""
+class PriorRequest:
+    """A checked prior call: every prompt's text is encoded once and used by its `images_per_prompt` rows."""
 
     prompts: list[str]
     negative_prompts: list[str]
     images_per_prompt: int
     shapes: Shapes
-    prior_grid: torch.Tensor
-    decoder_grid: torch.Tensor
-    prior_guidance: float
-    decoder_guidance: float
-    generator: Generator
-    output_type: str
+    grid: torch.Tensor
+    guidance: float
+
+
+@dataclass(frozen=True)
+class DecoderRequest:
+    """A checked decoder call. Its latents are `shapes.batch` rows; prompt i's text serves `rows_per_prompt`
+    consecutive rows, and each image embedding `images_per_embedding` consecutive rows."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    rows_per_prompt: int
+    images_per_embedding: int
+    shapes: Shapes
+    grid: torch.Tensor
+    guidance: float
 
 
 def _positive_int(name: str, value) -> int:
@@ -138,33 +144,77 @@ def _check_generator(generator, batch: int, device: torch.device) -> Generator:
     return generator
 
 
-def check_request(
-    config: WuerstchenConfig, device: torch.device, *, prompt, negative_prompt, height, width,
-    prior_num_inference_steps, prior_timesteps, prior_guidance_scale, num_inference_steps, decoder_timesteps,
-    decoder_guidance_scale, num_images_per_prompt, generator, output_type,
-) -> Request:
-    """Validate a pipeline call; a bad field is a one-line `WuerstchenError` naming it, before any work."""
+def _check_output_type(output_type: str, allowed: tuple[str, ...]) -> str:
+    if output_type not in allowed:
+        raise WuerstchenError(f"output_type={output_type!r}: expected one of {', '.join(allowed)}")
+    return output_type
+
+
+def check_prior_request(config: WuerstchenConfig, *, prompt, negative_prompt, height, width, num_inference_steps,
+                        timesteps, guidance_scale, num_images_per_prompt,
+                        steps_name: str = "num_inference_steps", timesteps_name: str = "timesteps",
+                        guidance_name: str = "guidance_scale") -> PriorRequest:
+    """Validate the prior's part of a call; a bad field is a one-line `WuerstchenError` naming it (by the
+    name the caller used: the combined call prefixes the prior's fields with `prior_`)."""
     prompts, negatives = _prompts(prompt, negative_prompt)
     images_per_prompt = _positive_int("num_images_per_prompt", num_images_per_prompt)
-    if output_type not in OUTPUT_TYPES:
-        raise WuerstchenError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
-    batch = len(prompts) * images_per_prompt
-    return Request(
-        prompts=prompts,
-        negative_prompts=negatives,
-        images_per_prompt=images_per_prompt,
-        shapes=image_shapes(config, height, width, batch),
-        prior_grid=_grid("prior_timesteps", "prior_num_inference_steps", prior_num_inference_steps, prior_timesteps),
-        decoder_grid=_grid("decoder_timesteps", "num_inference_steps", num_inference_steps, decoder_timesteps),
-        prior_guidance=_finite("prior_guidance_scale", prior_guidance_scale),
-        decoder_guidance=_finite("decoder_guidance_scale", decoder_guidance_scale),
-        generator=_check_generator(generator, batch, device),
-        output_type=output_type,
+    return PriorRequest(
+        prompts=prompts, negative_prompts=negatives, images_per_prompt=images_per_prompt,
+        shapes=image_shapes(config, height, width, len(prompts) * images_per_prompt),
+        grid=_grid(timesteps_name, steps_name, num_inference_steps, timesteps),
+        guidance=_finite(guidance_name, guidance_scale),
     )
 
 
+def check_decoder_request(config: WuerstchenConfig, embeddings: torch.Size | tuple[int, ...], *, prompt,
+                          negative_prompt, num_inference_steps, timesteps, guidance_scale,
+                          num_images_per_prompt, steps_name: str = "num_inference_steps",
+                          timesteps_name: str = "timesteps", guidance_name: str = "guidance_scale",
+                          rows_per_prompt: int | None = None) -> DecoderRequest:
+    """Validate the decoder's part of a call for image embeddings of shape `embeddings` (B, C, h, w): one
+    prompt for all of them, or one per embedding. The combined call passes `rows_per_prompt` instead, its
+    prompts' images per prompt."""
+    prompts, negatives = _prompts(prompt, negative_prompt)
+    images_per_embedding = _positive_int("num_images_per_prompt", num_images_per_prompt)
+    count = embeddings[0]
+    if rows_per_prompt is None:
+        if len(prompts) not in (1, count):
+            raise WuerstchenError(f"prompt has {len(prompts)} entries for {count} image embeddings: expected one per "
+                                  "embedding, or a single string")
+        rows_per_prompt = count // len(prompts) * images_per_embedding
+    return DecoderRequest(
+        prompts=prompts, negative_prompts=negatives, rows_per_prompt=rows_per_prompt,
+        images_per_embedding=images_per_embedding,
+        shapes=embedding_shapes(config, tuple(embeddings[2:]), count * images_per_embedding),
+        grid=_grid(timesteps_name, steps_name, num_inference_steps, timesteps),
+        guidance=_finite(guidance_name, guidance_scale),
+    )
+
+
+def check_image_embeddings(config: WuerstchenConfig, image_embeddings, device: torch.device,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """The decoder's input as diffusers' decoder pipeline takes it (a tensor, a list of tensors joined along
+    the batch, or a NumPy array), as a (B, C, h, w) tensor on the pipeline's device and in its dtype. C is the
+    width the decoder injects (`effnet_embd`); a decoder that injects nothing takes any width."""
+    if isinstance(image_embeddings, (list, tuple)) and image_embeddings and \
+            all(isinstance(e, torch.Tensor) for e in image_embeddings):
+        image_embeddings = torch.cat(list(image_embeddings))
+    if isinstance(image_embeddings, np.ndarray):
+        image_embeddings = torch.from_numpy(image_embeddings)
+    if not isinstance(image_embeddings, torch.Tensor) or not image_embeddings.is_floating_point():
+        raise WuerstchenError(f"image_embeddings of type {type(image_embeddings).__name__}: expected a float tensor "
+                              "(batch, channels, h, w), a list of them, or a NumPy array")
+    decoder = config.decoder
+    shape = tuple(image_embeddings.shape)
+    channels_ok = len(shape) == 4 and (shape[1] == decoder.effnet_embd or not any(decoder.inject_effnet))
+    if not channels_ok or shape[0] < 1:
+        raise WuerstchenError(f"image_embeddings has shape {shape}: expected (batch, {decoder.effnet_embd}, h, w), "
+                              "as the prior makes them")
+    return image_embeddings.to(device=device, dtype=dtype)
+
+
 class _StageClock:
-    """Wall-clock seconds per stage; on a GPU, synchronises at stage boundaries only."""
+    """Wall-clock seconds per stage, added up over its calls; on a GPU, synchronises at stage boundaries only."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -176,7 +226,7 @@ class _StageClock:
         yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.seconds[stage] = time.perf_counter() - start
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _to_output(images: torch.Tensor, output_type: str):
@@ -188,76 +238,38 @@ def _to_output(images: torch.Tensor, output_type: str):
     return [Image.fromarray(image) for image in (array * 255).round().astype("uint8")]
 
 
-def read_config(prior: str | Path, decoder: str | Path) -> WuerstchenConfig:
-    """The configs in two diffusers folders (warp-ai/wuerstchen-prior and warp-ai/wuerstchen layouts),
-    checked against each other; reads no weights."""
-    prior_root = check_layout(prior, "prior", PRIOR_LAYOUT, "warp-ai/wuerstchen-prior")
-    decoder_root = check_layout(decoder, "decoder", DECODER_LAYOUT, "warp-ai/wuerstchen")
-    prior_index, decoder_index = read_model_index(prior_root), read_model_index(decoder_root)
-    defaults = WuerstchenConfig.__dataclass_fields__
-    return WuerstchenConfig(
-        prior=PriorConfig.from_json(prior_root / "prior" / "config.json"),
-        decoder=DecoderConfig.from_json(decoder_root / "decoder" / "config.json"),
-        vqgan=VQGANConfig.from_json(decoder_root / "vqgan" / "config.json"),
-        prior_text=text_encoder_config(prior_root / "text_encoder"),
-        decoder_text=text_encoder_config(decoder_root / "text_encoder"),
-        prior_schedule=ScheduleConfig.from_json(prior_root / "scheduler" / "scheduler_config.json"),
-        decoder_schedule=ScheduleConfig.from_json(decoder_root / "scheduler" / "scheduler_config.json"),
-        # The pipelines' own constants, as diffusers' WuerstchenPriorPipeline and DecoderPipeline store them.
-        **{key: index.get(key, defaults[key].default) for index, keys in (
-            (prior_index, ("latent_mean", "latent_std", "resolution_multiple")),
-            (decoder_index, ("latent_dim_scale",)),
-        ) for key in keys},
-    )
-
-
 class WuerstchenPipeline:
-    """Würstchen v2 text-to-image: build with `from_pretrained` (diffusers folders) or `from_preset`
-    (random weights), then call with diffusers' combined-pipeline arguments."""
+    """Würstchen v2 text-to-image on any backend: build with `from_pretrained` (diffusers folders),
+    `from_preset` (random weights), `from_bundle` (an exported bundle) or `load` (a resolved `Runtime`), then
+    call with diffusers' combined-pipeline arguments, or run one stage with `run_prior` and `run_decoder`."""
 
-    def __init__(
-        self,
-        *,
-        config: WuerstchenConfig,
-        prior_text: TextEncoder,
-        prior: Prior,
-        decoder_text: TextEncoder,
-        decoder: Decoder,
-        vqgan: VQGANDecoder,
-        device: torch.device,
-        dtype: torch.dtype,
-    ):
+    def __init__(self, config: WuerstchenConfig, stages: Stages, runtime: Runtime):
         self.config = config
-        self.prior_text, self.prior = prior_text, prior
-        self.decoder_text, self.decoder = decoder_text, decoder
-        self.vqgan = vqgan
-        self.device, self.dtype = device, dtype
-        self.backend = Backend.TORCH
-        self.step_graphs: StepGraphs | None = None  # captured denoising steps, on the fast backends
+        self.stages = stages
+        self.runtime = runtime
         self._progress_bar_config: dict = {}
 
-    def _use_backend(self, backend: str | Backend) -> WuerstchenPipeline:
-        """Switch the PyTorch stages to a faster backend: `torch-fast` runs attention and the norms in this
-        project's Triton kernels on channels-last activations, and every denoising step as one CUDA graph;
-        `torch-compile` also compiles the prior and the decoder with torch.compile."""
-        backend = Backend.parse(backend)
-        if backend.runs_bundles:
-            raise WuerstchenError(f"backend={backend.value!r} runs a bundle: use WuerstchenPipeline.from_bundle")
-        if backend is Backend.TORCH:
-            return self
-        if self.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise WuerstchenError(f"backend={backend.value!r} runs Triton kernels on a CUDA GPU (on a CPU only "
-                                  "in Triton's interpreter, TRITON_INTERPRET=1, for tests): use backend='torch'")
-        for model in (self.prior, self.decoder, self.vqgan):
-            use_attention(model, "triton")
-            use_fused_kernels(model)
-            use_channels_last(model)
-        self.step_graphs = StepGraphs()
-        if backend is Backend.TORCH_COMPILE:
-            self.prior = torch.compile(self.prior, fullgraph=True, dynamic=False)
-            self.decoder = torch.compile(self.decoder, fullgraph=True, dynamic=False)
-        self.backend = backend
-        return self
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def precision(self) -> Precision:
+        return self.runtime.precision
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runtime.dtype
+
+    @property
+    def backend(self) -> Backend:
+        return self.runtime.backend
+
+    @classmethod
+    def load(cls, runtime: Runtime) -> WuerstchenPipeline:
+        """The pipeline that `runtime` (see `engine.runtime.resolve`) describes, loaded by its backend."""
+        config, stages = backends.load(runtime)
+        return cls(config, stages, runtime)
 
     @classmethod
     def from_pretrained(
@@ -267,26 +279,16 @@ class WuerstchenPipeline:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         variant: str | None = None,
-        backend: str = "torch",
+        backend: str | Backend = "torch",
+        options: BackendOptions | None = None,
     ) -> WuerstchenPipeline:
         """Load the two published diffusers folders: `prior` as warp-ai/wuerstchen-prior, `decoder` as
         warp-ai/wuerstchen. `device` defaults to the GPU when there is one, `dtype` to fp16 on a GPU and
         fp32 on the CPU; `variant="fp16"` reads the `*.fp16.*` weight files. `backend` is "torch" (eager),
-        "torch-fast" (Triton attention, CUDA-graph steps) or "torch-compile" (also torch.compile)."""
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
-        config = read_config(prior, decoder)
-        prior_root, decoder_root = Path(prior), Path(decoder)
-        return cls(
-            config=config,
-            prior_text=load_text_encoder(prior_root, device, dtype, variant),
-            prior=load_stage("prior", Prior, config.prior, prior_root / "prior", device, dtype, variant),
-            decoder_text=load_text_encoder(decoder_root, device, dtype, variant),
-            decoder=load_stage("decoder", Decoder, config.decoder, decoder_root / "decoder", device, dtype, variant),
-            vqgan=load_stage("vqgan", VQGANDecoder, config.vqgan, decoder_root / "vqgan", device, dtype, variant),
-            device=device,
-            dtype=dtype,
-        )._use_backend(backend)
+        "torch-fast" (Triton kernels, CUDA-graph steps) or "torch-compile" (also torch.compile); `options`
+        is `engine.backends.FastOptions` for the last two."""
+        source = ModelSource.from_folders(prior, decoder, variant)
+        return cls.load(resolve(source, backend, device, dtype, options))
 
     @classmethod
     def from_preset(
@@ -295,81 +297,156 @@ class WuerstchenPipeline:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         seed: int = 0,
-        backend: str = "torch",
+        backend: str | Backend = "torch",
+        options: BackendOptions | None = None,
     ) -> WuerstchenPipeline:
         """A pipeline of a named architecture (`wuerstchen-v2` or `tiny`) with seeded random weights and a
-        byte-level tokenizer: its images are noise, its cost is the real model's. `backend` as for
-        `from_pretrained`."""
-        config = preset(name)
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
-        # The noise heads are shrunk: the prior divides by |1 − b| and the decoder by sigmoid(b), and
-        # random heads bring those near zero, where the latents blow up within a few steps.
-        return cls(
-            config=config,
-            prior_text=random_text_encoder(config.prior_text, seed, device, dtype),
-            prior=random_stage(Prior, config.prior, seed + 1, device, dtype, shrink=("out.1.",)),
-            decoder_text=random_text_encoder(config.decoder_text, seed + 2, device, dtype),
-            decoder=random_stage(Decoder, config.decoder, seed + 3, device, dtype, shrink=("clf.1.",)),
-            vqgan=random_stage(VQGANDecoder, config.vqgan, seed + 4, device, dtype),
-            device=device,
-            dtype=dtype,
-        )._use_backend(backend)
+        byte-level tokenizer: its images are noise, its cost is the real model's. The other arguments as
+        for `from_pretrained`."""
+        return cls.load(resolve(ModelSource.from_preset(name, seed), backend, device, dtype, options))
 
     @classmethod
     def from_bundle(
         cls,
         bundle: str | Path,
-        backend: str = "onnxruntime",
-        providers: Sequence[str] | None = None,
+        backend: str | Backend = "onnxruntime",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        options: BackendOptions | None = None,
         check_hashes: bool = True,
-        precision: str = "bf16",
-        engines: str | Path | None = None,
-        cuda_graphs: bool = False,
     ) -> WuerstchenPipeline:
         """Run an exported bundle (`wuerstchen export`) on ONNX Runtime or TensorRT.
 
         The manifest is checked first: format version, every file present and, unless `check_hashes` is
-        off, unaltered; requests outside the bundle's size range are refused. ONNX Runtime: `providers` are
-        its execution providers (default: CUDA when present, else the CPU). TensorRT: engines of
-        `precision` ("bf16", "fp16" or "fp32") come from the cache folder `engines` (default BUNDLE/engines),
-        built there first when missing; `cuda_graphs` replays each engine call as a CUDA graph."""
-        backend = Backend.parse(backend)
-        if not backend.runs_bundles:
-            raise WuerstchenError(f"backend={backend.value!r} cannot run a bundle: expected onnxruntime or tensorrt "
-                                  "(the torch backends load diffusers folders with from_pretrained)")
-        opened = open_bundle(bundle, check_hashes=check_hashes)
-        if backend is Backend.ONNXRUNTIME:
-            from engine.backends.onnxruntime import load_stages
+        off, unaltered; requests outside the bundle's size range are refused. ONNX Runtime runs the bundle in
+        its own precision, on the GPU when its build has CUDA and there is one (`OnnxRuntimeOptions` chooses
+        the providers); TensorRT runs engines of `dtype` (default bf16) from the engine cache
+        (`TensorRTOptions`), which `wuerstchen build` fills."""
+        source = ModelSource.from_bundle(bundle, check_hashes)
+        return cls.load(resolve(source, backend, device, dtype, options))
 
-            stages, device = load_stages(opened, providers)
-            dtype = opened.dtype
-        else:
-            from engine.backends.tensorrt import load_stages
-
-            stages, device, dtype = load_stages(opened, precision, engines, cuda_graphs)
-        pipe = cls(config=opened.config, **stages, device=device, dtype=dtype)
-        pipe.backend = backend
+    def with_stages(self, stages: Stages) -> WuerstchenPipeline:
+        """The same pipeline over other stage objects (wrapped ones, to time or trace them)."""
+        pipe = WuerstchenPipeline(self.config, stages, self.runtime)
+        pipe._progress_bar_config = dict(self._progress_bar_config)
         return pipe
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for the tqdm bars over the prior and decoder steps, e.g. `disable=True`."""
         self._progress_bar_config = kwargs
 
-    def _denoise(self, stage: str, model: Model, conditioning: tuple[torch.Tensor, ...],
-                 schedule: DenoisingSchedule, initial: torch.Tensor, noise, guidance_scale: float, progress):
-        if self.step_graphs is not None:
-            return self.step_graphs.denoise(stage, model, conditioning, schedule, initial, noise, guidance_scale,
-                                            progress)
-        return denoise(model, conditioning, schedule, initial, noise, guidance_scale, progress)
+    def _progress(self, total: int):
+        return tqdm(total=total, **{"desc": "denoising", **self._progress_bar_config})
 
-    def _text_states(self, encoder: TextEncoder, request: Request, guided: bool) -> torch.Tensor:
-        """One row of text states per image; with guidance, the negative prompts' rows follow."""
-        states = encoder(request.prompts).repeat_interleave(request.images_per_prompt, dim=0)
+    @staticmethod
+    def _text_states(encoder: TextEncoder, prompts: list[str], negative_prompts: list[str], rows_per_prompt: int,
+                     guided: bool) -> torch.Tensor:
+        """`rows_per_prompt` rows of text states per prompt; with guidance, the negative prompts' rows follow."""
+        states = encoder(prompts).repeat_interleave(rows_per_prompt, dim=0)
         if not guided:
             return states
-        negative = encoder(request.negative_prompts).repeat_interleave(request.images_per_prompt, dim=0)
-        return torch.cat([states, negative])
+        return torch.cat([states, encoder(negative_prompts).repeat_interleave(rows_per_prompt, dim=0)])
+
+    def _prior(self, request: PriorRequest, generator: Generator, clock: _StageClock, progress) -> torch.Tensor:
+        """The image embeddings of a checked prior request: the denoised prior latents × 42 − 1."""
+        config, device, dtype, stages = self.config, self.device, self.dtype, self.stages
+        guided = request.guidance > 1
+        schedule = make_schedule(request.grid, config.prior_schedule, dtype, device)
+        with clock("text"):
+            text = self._text_states(stages.prior_text, request.prompts, request.negative_prompts,
+                                     request.images_per_prompt, guided)
+        with clock("prior"):
+            initial, noise = draw_denoising_noise(request.shapes.prior_latent, schedule.num_steps, generator, device,
+                                                  dtype)
+            conditioning = stages.prior.condition(text)
+            latents = stages.loop.denoise("prior", stages.prior, conditioning, schedule, initial, noise,
+                                          request.guidance, progress)
+            return latents * config.latent_mean - config.latent_std
+
+    def _decoder(self, request: DecoderRequest, image_embeddings: torch.Tensor, generator: Generator,
+                 clock: _StageClock, progress) -> torch.Tensor:
+        """The VQGAN latents of a checked decoder request; the unguided branch sees a zero image embedding."""
+        config, device, dtype, stages = self.config, self.device, self.dtype, self.stages
+        guided = request.guidance > 1
+        schedule = make_schedule(request.grid, config.decoder_schedule, dtype, device)
+        with clock("text"):
+            text = self._text_states(stages.decoder_text, request.prompts, request.negative_prompts,
+                                     request.rows_per_prompt, guided)
+        with clock("decoder"):
+            initial, noise = draw_denoising_noise(request.shapes.decoder_latent, schedule.num_steps, generator,
+                                                  device, dtype)
+            embeddings = image_embeddings.repeat_interleave(request.images_per_embedding, dim=0)
+            if guided:
+                embeddings = torch.cat([embeddings, torch.zeros_like(embeddings)])
+            pyramid = resize_image_embeddings(embeddings, config.decoder, request.shapes.decoder_levels)
+            conditioning = stages.decoder.condition(pyramid, text)
+            return stages.loop.denoise("decoder", stages.decoder, conditioning, schedule, initial, noise,
+                                       request.guidance, progress)
+
+    def _decode(self, latents: torch.Tensor, output_type: str, clock: _StageClock):
+        if output_type == "latent":
+            return latents
+        with clock("vqgan"):
+            images = self.stages.vqgan(latents)
+        return _to_output(images, output_type)
+
+    @torch.no_grad()
+    def run_prior(
+        self,
+        prompt: str | list[str],
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 60,
+        timesteps: Sequence[float] | None = None,
+        guidance_scale: float = 8.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pt",
+    ) -> WuerstchenPriorOutput:
+        """Stage C alone, as diffusers' `WuerstchenPriorPipeline` with its arguments and defaults: the image
+        embeddings of `num_images_per_prompt` images per prompt, to decode now or later with `run_decoder`."""
+        request = check_prior_request(
+            self.config, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=num_inference_steps, timesteps=timesteps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt)
+        generator = _check_generator(generator, request.shapes.batch, self.device)
+        _check_output_type(output_type, EMBEDDING_OUTPUT_TYPES)
+        clock = _StageClock(self.device)
+        with self._progress(len(request.grid) - 1) as progress:
+            embeddings = self._prior(request, generator, clock, progress)
+        if output_type == "np":
+            embeddings = embeddings.cpu().float().numpy()
+        return WuerstchenPriorOutput(image_embeddings=embeddings, timings=clock.seconds)
+
+    @torch.no_grad()
+    def run_decoder(
+        self,
+        image_embeddings: torch.Tensor | list[torch.Tensor] | np.ndarray,
+        prompt: str | list[str] = "",
+        num_inference_steps: int = 12,
+        timesteps: Sequence[float] | None = None,
+        guidance_scale: float = 0.0,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+    ) -> WuerstchenOutput:
+        """Stages B and A, as diffusers' `WuerstchenDecoderPipeline` with its arguments and defaults: images
+        from image embeddings (B, 16, h, w) (`run_prior`'s, or read from a file), the size following from
+        theirs. `prompt` is one string for every embedding or a list of one per embedding; each embedding
+        makes `num_images_per_prompt` images, one after the other."""
+        embeddings = check_image_embeddings(self.config, image_embeddings, self.device, self.dtype)
+        request = check_decoder_request(
+            self.config, embeddings.shape, prompt=prompt, negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps, timesteps=timesteps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt)
+        generator = _check_generator(generator, request.shapes.batch, self.device)
+        _check_output_type(output_type, OUTPUT_TYPES)
+        clock = _StageClock(self.device)
+        with self._progress(len(request.grid) - 1) as progress:
+            latents = self._decoder(request, embeddings, generator, clock, progress)
+        return WuerstchenOutput(images=self._decode(latents, output_type, clock), timings=clock.seconds)
 
     @torch.no_grad()
     def __call__(
@@ -388,52 +465,25 @@ class WuerstchenPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
     ) -> WuerstchenOutput:
-        """Make `num_images_per_prompt` images per prompt. Defaults are diffusers' (512², 60 prior steps);
-        the published recipe is 1024², `prior_timesteps=DEFAULT_PRIOR_TIMESTEPS`, 12 decoder steps."""
-        request = check_request(
-            self.config, self.device, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-            prior_num_inference_steps=prior_num_inference_steps, prior_timesteps=prior_timesteps,
-            prior_guidance_scale=prior_guidance_scale, num_inference_steps=num_inference_steps,
-            decoder_timesteps=decoder_timesteps, decoder_guidance_scale=decoder_guidance_scale,
-            num_images_per_prompt=num_images_per_prompt, generator=generator, output_type=output_type,
-        )
-        device, dtype, shapes, config = self.device, self.dtype, request.shapes, self.config
-        prior_guided, decoder_guided = request.prior_guidance > 1, request.decoder_guidance > 1
-        prior_schedule = make_schedule(request.prior_grid, config.prior_schedule, dtype, device)
-        decoder_schedule = make_schedule(request.decoder_grid, config.decoder_schedule, dtype, device)
-        clock = _StageClock(device)
-        total_steps = prior_schedule.num_steps + decoder_schedule.num_steps
-        with tqdm(total=total_steps, **{"desc": "denoising", **self._progress_bar_config}) as progress:
-            # 1. Text states of both stages, computed once per request.
-            with clock("text"):
-                prior_text = self._text_states(self.prior_text, request, prior_guided)
-                decoder_text = self._text_states(self.decoder_text, request, decoder_guided)
+        """Make `num_images_per_prompt` images per prompt: `run_prior`, then `run_decoder` on its embeddings
+        with each image's own prompt, every argument checked before either starts. Defaults are diffusers'
+        (512², 60 prior steps); the published recipe is `engine.recipe.Recipe().call()`."""
+        prior = check_prior_request(
+            self.config, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=prior_num_inference_steps, timesteps=prior_timesteps,
+            guidance_scale=prior_guidance_scale, num_images_per_prompt=num_images_per_prompt,
+            steps_name="prior_num_inference_steps", timesteps_name="prior_timesteps",
+            guidance_name="prior_guidance_scale")
+        decoder = check_decoder_request(
+            self.config, prior.shapes.prior_latent, prompt=prompt, negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
+            guidance_scale=decoder_guidance_scale, num_images_per_prompt=1, timesteps_name="decoder_timesteps",
+            guidance_name="decoder_guidance_scale", rows_per_prompt=prior.images_per_prompt)
+        generator = _check_generator(generator, prior.shapes.batch, self.device)
+        _check_output_type(output_type, OUTPUT_TYPES)
+        clock = _StageClock(self.device)
+        with self._progress(len(prior.grid) + len(decoder.grid) - 2) as progress:
+            image_embeddings = self._prior(prior, generator, clock, progress)
+            latents = self._decoder(decoder, image_embeddings, generator, clock, progress)
+        return WuerstchenOutput(images=self._decode(latents, output_type, clock), timings=clock.seconds)
 
-            # 2. Prior: denoise the image embedding, then undo its training-time scaling (×42 − 1).
-            with clock("prior"):
-                initial, noise = draw_denoising_noise(
-                    shapes.prior_latent, prior_schedule.num_steps, request.generator, device, dtype)
-                text_kv = self.prior.condition(prior_text)
-                latents = self._denoise("prior", lambda x, r, kv: self.prior(x, r, kv), text_kv, prior_schedule,
-                                        initial, noise, request.prior_guidance, progress)
-                image_embeddings = latents * config.latent_mean - config.latent_std
-
-            # 3. Decoder: denoise the VQGAN latent; the unguided branch sees a zero image embedding.
-            with clock("decoder"):
-                initial, noise = draw_denoising_noise(
-                    shapes.decoder_latent, decoder_schedule.num_steps, request.generator, device, dtype)
-                if decoder_guided:
-                    image_embeddings = torch.cat([image_embeddings, torch.zeros_like(image_embeddings)])
-                pyramid = resize_image_embeddings(image_embeddings, config.decoder, shapes.decoder_levels)
-                text_kv, effnet = self.decoder.condition(pyramid, decoder_text)
-                split = len(text_kv)
-                latents = self._denoise(
-                    "decoder", lambda x, r, c: self.decoder(x, r, c[:split], c[split:]), (*text_kv, *effnet),
-                    decoder_schedule, initial, noise, request.decoder_guidance, progress)
-
-        if request.output_type == "latent":
-            return WuerstchenOutput(images=latents, timings=clock.seconds)
-        # 4. VQGAN: latents to pixels in [0, 1].
-        with clock("vqgan"):
-            images = self.vqgan(latents)
-        return WuerstchenOutput(images=_to_output(images, request.output_type), timings=clock.seconds)

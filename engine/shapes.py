@@ -46,13 +46,42 @@ def image_shapes(config: WuerstchenConfig, height: int, width: int, batch: int =
     """Every shape of a request, computed exactly as diffusers' Würstchen pipelines do."""
     check_image_size(config, height, width)
     prior_hw = (math.ceil(height / config.resolution_multiple), math.ceil(width / config.resolution_multiple))
-    decoder_hw = tuple(int(side * config.latent_dim_scale) for side in prior_hw)
+    decoder_hw = _decoder_hw(config, prior_hw)
     decoder = config.decoder
     if decoder_hw[0] % decoder.downscale or decoder_hw[1] % decoder.downscale:
         raise WuerstchenError(
             f"height={height}, width={width}: decoder latent {decoder_hw} is not a multiple of the decoder's "
             f"downscale {decoder.downscale}; expected {config.sizes.describe()}"
         )
+    return _shapes(config, prior_hw, decoder_hw, batch, height, width)
+
+
+def embedding_shapes(config: WuerstchenConfig, prior_hw: tuple[int, int], batch: int = 1) -> Shapes:
+    """The shapes of decoding image embeddings of spatial size `prior_hw` into `batch` images: the decoder's
+    latent follows from the embeddings (`int(h · 10.67)`), and the image from the latent."""
+    decoder_hw = _decoder_hw(config, prior_hw)
+    upscale = config.vqgan.upscale
+    height, width = decoder_hw[0] * upscale, decoder_hw[1] * upscale
+    downscale = config.decoder.downscale
+    sizes = config.sizes
+    low = math.ceil(sizes.min / config.resolution_multiple)
+    high = math.ceil(sizes.max / config.resolution_multiple)
+    on_grid = not (decoder_hw[0] % downscale or decoder_hw[1] % downscale) and \
+        all(sizes.min <= side <= sizes.max and side % sizes.step == 0 for side in (height, width))
+    if not on_grid:
+        raise WuerstchenError(
+            f"image_embeddings of size {prior_hw[0]}×{prior_hw[1]} make no image on the model's size grid: expected "
+            f"the size the prior makes for images of {sizes.describe()} ({low}×{low} to {high}×{high})")
+    return _shapes(config, prior_hw, decoder_hw, batch, height, width)
+
+
+def _decoder_hw(config: WuerstchenConfig, prior_hw: tuple[int, int]) -> tuple[int, int]:
+    return tuple(int(side * config.latent_dim_scale) for side in prior_hw)
+
+
+def _shapes(config: WuerstchenConfig, prior_hw: tuple[int, int], decoder_hw: tuple[int, int], batch: int,
+            height: int, width: int) -> Shapes:
+    decoder = config.decoder
     levels = tuple(
         (decoder_hw[0] // (decoder.patch_size * 2**i), decoder_hw[1] // (decoder.patch_size * 2**i))
         for i in range(len(decoder.c_hidden))

@@ -18,8 +18,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from engine.config import DecoderConfig, PriorConfig, ScheduleConfig, VQGANConfig, WuerstchenConfig
 from engine.errors import WuerstchenError
 from engine.models.vqgan import ENCODER_PREFIXES
+from engine.text import text_encoder_config
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
@@ -231,3 +233,26 @@ def read_model_index(root: Path) -> dict:
     if not isinstance(values, dict):
         raise WuerstchenError(f"{path}: expected a JSON object")
     return values
+
+
+def read_config(prior: str | Path, decoder: str | Path) -> WuerstchenConfig:
+    """The configs in two diffusers folders (warp-ai/wuerstchen-prior and warp-ai/wuerstchen layouts),
+    checked against each other; reads no weights."""
+    prior_root = check_layout(prior, "prior", PRIOR_LAYOUT, "warp-ai/wuerstchen-prior")
+    decoder_root = check_layout(decoder, "decoder", DECODER_LAYOUT, "warp-ai/wuerstchen")
+    prior_index, decoder_index = read_model_index(prior_root), read_model_index(decoder_root)
+    defaults = WuerstchenConfig.__dataclass_fields__
+    return WuerstchenConfig(
+        prior=PriorConfig.from_json(prior_root / "prior" / "config.json"),
+        decoder=DecoderConfig.from_json(decoder_root / "decoder" / "config.json"),
+        vqgan=VQGANConfig.from_json(decoder_root / "vqgan" / "config.json"),
+        prior_text=text_encoder_config(prior_root / "text_encoder"),
+        decoder_text=text_encoder_config(decoder_root / "text_encoder"),
+        prior_schedule=ScheduleConfig.from_json(prior_root / "scheduler" / "scheduler_config.json"),
+        decoder_schedule=ScheduleConfig.from_json(decoder_root / "scheduler" / "scheduler_config.json"),
+        # The pipelines' own constants, as diffusers' WuerstchenPriorPipeline and DecoderPipeline store them.
+        **{key: index.get(key, defaults[key].default) for index, keys in (
+            (prior_index, ("latent_mean", "latent_std", "resolution_multiple")),
+            (decoder_index, ("latent_dim_scale",)),
+        ) for key in keys},
+    )

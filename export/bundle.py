@@ -18,18 +18,19 @@ import torch
 
 import engine
 from engine.backends import Backend
-from engine.bundle import DTYPE_NAMES, FORMAT, FORMAT_VERSION, MANIFEST, sha256
+from engine.bundle import FORMAT, FORMAT_VERSION, MANIFEST, TENSOR_DTYPE_NAMES, sha256
 from engine.config import SizeGrid, WuerstchenConfig
 from engine.errors import WuerstchenError
 from engine.models.blocks import attention_implementation
 from engine.models.decoder import injected_levels
 from engine.pipeline import WuerstchenPipeline
-from engine.schedule import DEFAULT_PRIOR_TIMESTEPS
+from engine.precision import Precision
+from engine.recipe import Recipe
 from engine.shapes import TEXT_TOKENS, image_shapes, symbol_values
 from export.graphs import GraphSpec, graph_specs
 from export.lint import check_tensorrt_compatible
 
-OPSETS = {torch.float32: 18, torch.float16: 18, torch.bfloat16: 22}  # ONNX has no bf16 Conv before opset 22
+OPSETS = {Precision.FP32: 18, Precision.FP16: 18, Precision.BF16: 22}  # ONNX has no bf16 Conv before opset 22
 FP32_ISLANDS = [
     "LayerNorm2d and the decoder's text LayerNorm: inputs cast to float32, normalised, cast back",
     "GlobalResponseNorm: the sum of squares over height and width (ReduceL2 on float32)",
@@ -42,14 +43,17 @@ MAX_BATCH = 64  # a bound for the exporter's symbolic batch, not a limit of the 
 
 
 def _describe(spec_tensors) -> list[dict]:
-    return [{"name": t.name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.dims)} for t in spec_tensors]
+    return [{"name": t.name, "dtype": TENSOR_DTYPE_NAMES[t.dtype], "shape": list(t.dims)} for t in spec_tensors]
 
 
-def export_graph(spec: GraphSpec, config: WuerstchenConfig, grid: SizeGrid, folder: Path, opset: int) -> list[str]:
-    """Export one graph to `folder/<name>.onnx` at a non-square sample size inside the range, check it
-    against TensorRT's parser and the spec, and return its files (the graph, then its external data)."""
+def export_graph(spec: GraphSpec, config: WuerstchenConfig, grid: SizeGrid, folder: Path, opset: int,
+                 device: torch.device) -> list[str]:
+    """Export one graph to `folder/<name>.onnx` at a non-square sample size inside the range (traced on
+    `device`, where its module is), check it against TensorRT's parser and the spec, and return its files
+    (the graph, then its external data)."""
     height, width = min(grid.min + grid.step, grid.max), min(grid.min + 2 * grid.step, grid.max)
     sample = spec.sample(config, image_shapes(config, height, width, batch=2), torch.Generator().manual_seed(0))
+    sample = {name: tensor.to(device) for name, tensor in sample.items()}
     max_sizes = symbol_values(config, image_shapes(config, grid.max, grid.max, batch=MAX_BATCH))
     path = folder / f"{spec.name}.onnx"
     with attention_implementation(spec.module, "explicit"), warnings.catch_warnings(), _quiet():
@@ -106,7 +110,7 @@ def _name_dims(model: onnx.ModelProto, spec: GraphSpec) -> None:
 
 
 def _schedule(pipe: WuerstchenPipeline) -> dict:
-    config = pipe.config
+    config, recipe = pipe.config, Recipe()
     return {
         "prior": vars(config.prior_schedule),
         "decoder": vars(config.decoder_schedule),
@@ -114,10 +118,11 @@ def _schedule(pipe: WuerstchenPipeline) -> dict:
         "step": "α = ᾱ(t)/ᾱ(t_next); x ← √(1/α)·(x − (1 − α)·eps/√(1 − ᾱ(t))) "
                 "+ [t_next ≠ 0]·√((1 − α)(1 − ᾱ(t_next))/(1 − ᾱ(t)))·z, z ~ N(0, 1), in float32",
         "timesteps": "model evaluations at every grid point but the last; the model sees t in the bundle dtype",
-        "default_prior_timesteps": list(DEFAULT_PRIOR_TIMESTEPS),
-        "default_decoder_steps": 12,
-        "default_prior_guidance": 4.0,
-        "default_decoder_guidance": 0.0,
+        "default_prior_timesteps": recipe.prior_timesteps,
+        "default_decoder_steps": recipe.decoder_steps,
+        "default_prior_guidance": recipe.prior_guidance,
+        "default_decoder_guidance": recipe.decoder_guidance,
+        "default_size": [recipe.height, recipe.width],
         "guidance": "on when the scale exceeds 1: the batch is [images, images] against [prompt, negative] text, "
                     "eps = lerp(eps_negative, eps_prompt, scale); the decoder's negative half sees a zero embedding",
         "image_embeddings": {"latent_mean": config.latent_mean, "latent_std": config.latent_std,
@@ -156,17 +161,18 @@ def export_bundle(
         raise WuerstchenError(f"--out={str(out)!r} exists and is not an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     bundle_grid = SizeGrid(step=grid.step, min=min_size, max=max_size)
-    opset = OPSETS[pipe.dtype]
+    opset = OPSETS[pipe.precision]
 
     graphs, files = {}, []
     for name, spec in graph_specs(pipe).items():
         start = time.perf_counter()
-        graph_files = export_graph(spec, config, bundle_grid, out, opset)
+        graph_files = export_graph(spec, config, bundle_grid, out, opset, pipe.device)
         size = sum((out / f).stat().st_size for f in graph_files)
         progress(f"exported {name:<18} {size / 1e6:9.1f} MB  {time.perf_counter() - start:6.1f} s")
-        graphs[name] = {"file": graph_files[0], "inputs": _describe(spec.inputs), "outputs": _describe(spec.outputs)}
+        graphs[name] = {"file": graph_files[0], "external_data": graph_files[1:], "inputs": _describe(spec.inputs),
+                        "outputs": _describe(spec.outputs)}
         files += graph_files
-    for stage, encoder in (("prior", pipe.prior_text), ("decoder", pipe.decoder_text)):
+    for stage, encoder in (("prior", pipe.stages.prior_text), ("decoder", pipe.stages.decoder_text)):
         saved = encoder.tokenizer.save_pretrained(out / f"tokenizer_{stage}")
         files += [str(Path(f).relative_to(out)) for f in saved if Path(f).is_file()]
 
@@ -175,7 +181,7 @@ def export_bundle(
         "format_version": FORMAT_VERSION,
         "producer": {"engine": engine.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
         "opset": opset,
-        "dtype": DTYPE_NAMES[pipe.dtype],
+        "dtype": pipe.precision.onnx_name,
         "fp32_islands": FP32_ISLANDS,
         "sources": sources,
         "config": config.to_dict(),

@@ -58,20 +58,18 @@ class DecoderCondition(nn.Module):
         self.decoder = decoder
 
     def forward(self, text: torch.Tensor, *pyramid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        text_kv, effnet = self.decoder.condition(pyramid, text)
-        return (*text_kv, *effnet)
+        return self.decoder.condition(pyramid, text)
 
 
 class DecoderStep(nn.Module):
     """One decoder evaluation: latents, noise level, text keys and values, embedding skips → noise (fp32)."""
 
-    def __init__(self, decoder: Decoder, num_text_kv: int):
+    def __init__(self, decoder: Decoder):
         super().__init__()
         self.decoder = decoder
-        self.num_text_kv = num_text_kv
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, *conditioning: torch.Tensor) -> torch.Tensor:
-        return self.decoder(x, r, conditioning[: self.num_text_kv], conditioning[self.num_text_kv :])
+        return self.decoder(x, r, conditioning)
 
 
 @dataclass(frozen=True)
@@ -147,9 +145,9 @@ def _tensors(prefix: str, dims: list[Dims], dtype: torch.dtype) -> tuple[TensorS
 
 
 def graph_specs(pipe: WuerstchenPipeline, names: tuple[str, ...] = GRAPHS) -> dict[str, GraphSpec]:
-    """The graphs of a PyTorch pipeline, in the pipeline's dtype: all seven in pipeline order, or those
-    named (the pipeline then needs only the stages they wrap)."""
-    config, dtype = pipe.config, pipe.dtype
+    """The graphs of a pipeline on the `torch` backend, in the pipeline's dtype: all seven in pipeline order,
+    or those named (the pipeline then needs only the stages they wrap)."""
+    config, dtype, stages = pipe.config, pipe.dtype, pipe.stages
     prior, decoder = config.prior, config.decoder
     levels = len(decoder.c_hidden)
     scale = [2 ** (levels - 1 - level) for level in range(levels)]  # level size over (dh, dw)
@@ -181,25 +179,25 @@ def graph_specs(pipe: WuerstchenPipeline, names: tuple[str, ...] = GRAPHS) -> di
     upscale = decoder.downscale * config.vqgan.upscale
 
     builders = {
-        "prior_text": lambda: text_graph("prior_text", config.prior_text.hidden_size, pipe.prior_text),
+        "prior_text": lambda: text_graph("prior_text", config.prior_text.hidden_size, stages.prior_text),
         "prior_condition": lambda: GraphSpec(
-            "prior_condition", PriorCondition(pipe.prior),
+            "prior_condition", PriorCondition(stages.prior),
             inputs=(TensorSpec("text", ("batch", TEXT_TOKENS, prior.c_cond), dtype),), outputs=prior_kv),
         "prior_step": lambda: GraphSpec(
-            "prior_step", PriorStep(pipe.prior),
+            "prior_step", PriorStep(stages.prior),
             inputs=(TensorSpec("x", ("batch", prior.c_in, "ph", "pw"), dtype), noise_level, *prior_kv),
             outputs=(TensorSpec("eps", ("batch", prior.c_in, "ph", "pw"), torch.float32),)),
-        "decoder_text": lambda: text_graph("decoder_text", config.decoder_text.hidden_size, pipe.decoder_text),
+        "decoder_text": lambda: text_graph("decoder_text", config.decoder_text.hidden_size, stages.decoder_text),
         "decoder_condition": lambda: GraphSpec(
-            "decoder_condition", DecoderCondition(pipe.decoder),
+            "decoder_condition", DecoderCondition(stages.decoder),
             inputs=(TensorSpec("text", ("batch", TEXT_TOKENS, decoder.clip_embd), dtype), *pyramid),
             outputs=(*decoder_kv, *effnet)),
         "decoder_step": lambda: GraphSpec(
-            "decoder_step", DecoderStep(pipe.decoder, len(decoder_kv)),
+            "decoder_step", DecoderStep(stages.decoder),
             inputs=(TensorSpec("x", latents.dims, dtype), noise_level, *decoder_kv, *effnet),
             outputs=(TensorSpec("eps", latents.dims, torch.float32),)),
         "vqgan_decode": lambda: GraphSpec(
-            "vqgan_decode", pipe.vqgan, inputs=(latents,),
+            "vqgan_decode", stages.vqgan, inputs=(latents,),
             outputs=(TensorSpec("images", ("batch", config.vqgan.out_channels, f"{upscale}*dh", f"{upscale}*dw"),
                                 dtype),)),
     }

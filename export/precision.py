@@ -34,6 +34,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from engine.errors import WuerstchenError
+from engine.precision import Precision
 from export.lint import MIN_OPSET
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -54,10 +55,10 @@ class LowPrecision:
         return float(ml_dtypes.finfo(self.numpy_type).max)
 
 
-PRECISIONS = {
-    "fp16": LowPrecision(onnx.TensorProto.FLOAT16, np.dtype(np.float16), MIN_OPSET, 8),
+LOW_PRECISIONS = {
+    Precision.FP16: LowPrecision(onnx.TensorProto.FLOAT16, np.dtype(np.float16), MIN_OPSET, 8),
     # ONNX types Conv, ConvTranspose, Sin, Cos and others for bfloat16 only from opset 22.
-    "bf16": LowPrecision(onnx.TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16), 22, 10),
+    Precision.BF16: LowPrecision(onnx.TensorProto.BFLOAT16, np.dtype(ml_dtypes.bfloat16), 22, 10),
 }
 
 # Operators that always run in float32, and why.
@@ -101,14 +102,13 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # initializers past this are saved next to 
 LOW, FP32, FP32_SPREADING, FLEX = "low", "fp32", "fp32-spreading", "flex"
 
 
-def convert_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
-    """A copy of the float32 `model` computing in `precision` ("bf16" or "fp16") with float32 islands
-    (see the module docstring); "fp32" returns `model` itself. bf16 raises the opset to 22."""
-    if precision == "fp32":
+def convert_precision(model: onnx.ModelProto, precision: Precision | str) -> onnx.ModelProto:
+    """A copy of the float32 `model` computing in `precision` (bf16 or fp16) with float32 islands (see the
+    module docstring); fp32 returns `model` itself. bf16 raises the opset to 22."""
+    precision = Precision.parse(precision, field="precision")
+    if precision is Precision.FP32:
         return model
-    if precision not in PRECISIONS:
-        raise WuerstchenError(f"precision={precision!r} is unknown: expected one of fp32, {', '.join(PRECISIONS)}")
-    low = PRECISIONS[precision]
+    low = LOW_PRECISIONS[precision]
     types = _tensor_types(model)
     converted = sorted({name for name, kind in types.items() if kind in FLOAT_TYPES - {FLOAT}})
     if converted:
@@ -118,7 +118,7 @@ def convert_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto
     graph = gs.import_onnx(model)
     graph.toposort()
     precisions = _node_precisions(graph, types)
-    _Rewriter(graph, types, precisions, low, precision).run()
+    _Rewriter(graph, types, precisions, low, precision.value).run()
 
     opset = max(graph.opset, low.min_opset)
     domains = [onnx.helper.make_opsetid(d.domain, opset if d.domain in ("", "ai.onnx") else d.version)
@@ -129,7 +129,7 @@ def convert_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto
     return result
 
 
-def convert_file(src: Path, dst: Path, precision: str) -> None:
+def convert_file(src: Path, dst: Path, precision: Precision | str) -> None:
     """Convert the graph file `src` (with its external data) to `precision` and save it as `dst`, with the
     weights in `dst.name + ".data"` beside it when they exceed `EXTERNAL_DATA_BYTES`, else inline.
 

@@ -8,14 +8,15 @@ from pathlib import Path
 
 import torch
 
-from engine.backends.onnxruntime import OnnxGraph, choose_providers
+from engine.backends.onnxruntime import OnnxGraph, resolve_providers
 from engine.bundle import open_bundle
 from engine.pipeline import WuerstchenPipeline
+from engine.precision import Precision
 from engine.shapes import image_shapes
 from export.graphs import graph_specs
 
 # Worst error allowed, relative to the largest magnitude of the reference output.
-TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2}
+TOLERANCES = {Precision.FP32: 1e-4, Precision.FP16: 1e-2, Precision.BF16: 5e-2}
 
 
 def verification_sizes(grid) -> list[tuple[int, int]]:
@@ -30,9 +31,11 @@ def verify_bundle(
     sizes: Sequence[tuple[int, int]] | None = None,
     batches: Sequence[int] = (1, 2),
     providers: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, float]:
     """The worst relative error, max |ONNX Runtime − PyTorch| / max |PyTorch|, of each graph over every
-    (size, batch) pair and output. `pipe` is the PyTorch pipeline the bundle was exported from."""
+    (size, batch) pair and output. `pipe` is the PyTorch pipeline the bundle was exported from; ONNX Runtime
+    runs on the providers and device that `engine.backends.onnxruntime.resolve_providers` picks."""
     from polygraphy.comparator import Comparator, RunResults
     from polygraphy.comparator.compare import SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult
@@ -40,19 +43,18 @@ def verify_bundle(
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     opened = open_bundle(bundle)
-    providers = choose_providers(providers)
-    device = torch.device("cuda" if providers[0] != "CPUExecutionProvider" else "cpu")
+    providers, device = resolve_providers(device, providers)
     specs = graph_specs(pipe)
-    graphs = {name: OnnxGraph(opened, name, providers, device) for name in specs}
+    graphs = {name: OnnxGraph(opened, name, list(providers), device) for name in specs}
     sizes = sizes or verification_sizes(opened.config.sizes)
-    tolerance = TOLERANCES.get(pipe.dtype, 5e-2)
+    tolerance = TOLERANCES[pipe.precision]
     generator = torch.Generator().manual_seed(0)
     worst = dict.fromkeys(specs, 0.0)
     for height, width in sizes:
         for batch in batches:
             shapes = image_shapes(opened.config, height, width, batch)
             for name, spec in specs.items():
-                feeds = spec.sample(pipe.config, shapes, generator)
+                feeds = {k: v.to(pipe.device) for k, v in spec.sample(pipe.config, shapes, generator).items()}
                 expected = {k: v.float().cpu().numpy() for k, v in spec.run(feeds).items()}
                 actual = {o["name"]: t.float().cpu().numpy() for o, t in zip(
                     graphs[name].outputs, graphs[name](*feeds.values()), strict=True)}

@@ -24,6 +24,17 @@ from kernels import DTYPES, check_device, dot_precision
 HEAD_DIMS = (16, 32, 64, 128)  # Würstchen's is 64; the tiny test models' 16
 
 
+def unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why `attention` cannot run heads of `head_dim` in `dtype`, in one line, or None when it can: the
+    envelope that `engine.models.fused.fuse` checks per attention block, so that a block outside it runs its
+    reference instead of raising here at its first step."""
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim} is outside the attention kernel's envelope {HEAD_DIMS}"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is outside the attention kernel's envelope {DTYPES}"
+    return None
+
+
 @triton.jit
 def _attention_forward(
     Q, K, V, TextK, TextV, Out,

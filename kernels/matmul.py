@@ -4,7 +4,7 @@ The VQGAN's MixingResidualBlocks expand 384 channels to 1,536 at 256² pixels, a
 and writes those 1,536 channels once more: 400 MB per block in fp16, about a third of the block's memory
 traffic. Here the activation is applied to the fp32 accumulator before the one store. Whether that beats
 cuBLAS plus PyTorch's GELU depends on how close this GEMM comes to cuBLAS at the shape, so the fast path
-uses it only where `benchmarks.fusions` says it wins (`MixingResidualBlock.gemm_gelu`).
+uses it only where `benchmarks.fusions` says it wins (`engine.models.fused.Fusions.gemm_gelu`).
 
 `linear_gelu` is the PyTorch custom op `wuerstchen::linear_gelu`; `linear_gelu_ref` is the same in PyTorch.
 """

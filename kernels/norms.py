@@ -31,6 +31,25 @@ MAX_CHANNELS = 8192  # one row of channels per program for the LayerNorm
 IMAGE = "(batch, height, width, channels)"
 
 
+def layer_norm_unsupported(channels: int, dtype: torch.dtype) -> str | None:
+    """Why the LayerNorm kernels (`layer_norm_modulate`, `layer_norm_modulate_pad`, `residual_film`,
+    `residual_norm`) cannot run `channels` channels in `dtype`, in one line, or None when they can: the
+    envelope that `engine.models.fused.fuse` checks per layer."""
+    if channels > MAX_CHANNELS:
+        return f"width {channels} is outside the LayerNorm kernels' envelope (at most {MAX_CHANNELS} channels)"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is outside the LayerNorm kernels' envelope {DTYPES}"
+    return None
+
+
+def global_response_norm_unsupported(dtype: torch.dtype) -> str | None:
+    """Why `global_response_norm` cannot run in `dtype`, in one line, or None when it can (it takes any number
+    of channels and pixels): the envelope that `engine.models.fused.fuse` checks per ResBlock."""
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is outside the GRN kernel's envelope {DTYPES}"
+    return None
+
+
 def _check(x: torch.Tensor, name: str, layout: str = "(batch, pixels, channels)") -> None:
     if x.dim() != layout.count(",") + 1:
         raise ValueError(f"{name}: expected {layout}, got shape {tuple(x.shape)}")

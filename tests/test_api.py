@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from engine import WuerstchenError, preset
-from engine.device import resolve_device, resolve_dtype
+from engine.device import resolve_device
+from engine.runtime import ModelSource, resolve
 from engine.shapes import image_shapes
 from engine.text import PromptTruncatedWarning
 
@@ -72,11 +73,11 @@ def test_a_bad_request_does_not_break_the_next_good_one(tiny_pipeline):
 def test_device_and_dtype_choices():
     assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
-    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(WuerstchenError, match=r"^dtype='int8' is not supported: expected auto, fp32, fp16 or bf16$"):
-        resolve_dtype("int8", torch.device("cpu"))
+    tiny = ModelSource.from_preset("tiny")
+    assert resolve(tiny, device="cpu").dtype == torch.float32
+    assert resolve(tiny, device="cpu", dtype="bf16").dtype == torch.bfloat16
+    with pytest.raises(WuerstchenError, match=r"^dtype='int8' is not supported: expected auto, fp32, fp16 or bf16"):
+        resolve(tiny, device="cpu", dtype="int8")
     with pytest.raises(WuerstchenError, match=r"^device='gpu' is not a device: expected auto, cpu, cuda or cuda:N$"):
         resolve_device("gpu")
     if not torch.cuda.is_available():
@@ -87,10 +88,10 @@ def test_device_and_dtype_choices():
 def test_long_prompt_is_truncated_with_a_warning_and_empty_prompt_is_valid(tiny_pipeline):
     long_prompt = "a very long prompt about many things " * 5
     with pytest.warns(PromptTruncatedWarning, match="longer than CLIP's 77 tokens"):
-        states = tiny_pipeline.prior_text([long_prompt])
+        states = tiny_pipeline.stages.prior_text([long_prompt])
     assert states.shape == (1, 77, 32)
     with pytest.warns(PromptTruncatedWarning):
-        assert torch.equal(states, tiny_pipeline.prior_text([long_prompt + " and more words at the end"]))
+        assert torch.equal(states, tiny_pipeline.stages.prior_text([long_prompt + " and more words at the end"]))
     images = tiny_pipeline("", **FAST, generator=torch.Generator().manual_seed(0)).images
     assert len(images) == 1 and isinstance(images[0], Image.Image)
 
@@ -122,9 +123,9 @@ def test_step_invariant_work_runs_once_per_request(tiny_pipeline, monkeypatch):
         return wrapper
 
     monkeypatch.setattr(torch.nn.functional, "interpolate", counting("interpolate", interpolate))
-    monkeypatch.setattr(tiny_pipeline.prior, "condition", counting("prior.condition", tiny_pipeline.prior.condition))
-    monkeypatch.setattr(tiny_pipeline.decoder, "condition",
-                        counting("decoder.condition", tiny_pipeline.decoder.condition))
+    stages = tiny_pipeline.stages
+    monkeypatch.setattr(stages.prior, "condition", counting("prior.condition", stages.prior.condition))
+    monkeypatch.setattr(stages.decoder, "condition", counting("decoder.condition", stages.decoder.condition))
     tiny_pipeline("a cat", height=128, width=128, prior_num_inference_steps=5, num_inference_steps=4,
                   generator=torch.Generator().manual_seed(0))
     injected_levels = sum(preset("tiny").decoder.inject_effnet)

@@ -37,7 +37,7 @@ def test_json_records_hold_provenance_workload_and_results(bench_run):
         assert set(origin["versions"]) >= {"torch", "triton", "onnxruntime", "diffusers", "python"}
         assert origin["versions"]["torch"] and origin["device"].startswith("CPU")
         assert workload | {"recipe": None} == {
-            "target": workload["target"], "source": "preset tiny (random weights)", "backend": "torch",
+            "target": workload["target"], "source": "tiny demo (random weights, seed 0)", "backend": "torch",
             "dtype": "fp32", "height": 128, "width": 128, "batch": workload["batch"], "warmup": 1, "runs": 2,
             "recipe": None}
         assert workload["recipe"] == {"prior_steps": 3, "prior_guidance": 4.0, "decoder_steps": 2,
@@ -93,8 +93,8 @@ def test_bench_runs_a_bundle_on_onnxruntime(tiny_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--preset", "huge"], "preset='huge' is unknown: expected one of ['tiny', 'wuerstchen-v2']"),
-    (["--preset", "tiny", "--backend", "tensorrt-llm"], "backend='tensorrt-llm' is unknown: expected one of"),
+    (["--preset", "huge"], "--preset 'huge' is unknown: expected one of ['tiny', 'wuerstchen-v2']"),
+    (["--preset", "tiny", "--backend", "tensorrt-llm"], "--backend 'tensorrt-llm' is unknown: expected one of"),
     (["--preset", "tiny", "--dtype", "fp8"], "--dtype 'fp8' is not supported: expected auto, fp32, fp16 or bf16"),
     (["--preset", "tiny", "--batch", "0"], "--batch 0: expected positive integers"),
     (["--preset", "tiny", "--runs", "0"], "--runs 0: expected a positive integer"),
@@ -102,8 +102,8 @@ def test_bench_runs_a_bundle_on_onnxruntime(tiny_bundle, tmp_path):
     (["--preset", "tiny", "--sizes", "big"], "--sizes 'big': expected a side such as 1024 or HEIGHTxWIDTH"),
     (["--preset", "tiny", "--baseline", "xformers"], "--baseline xformers: expected any of diffusers, "
                                                      "diffusers-compile"),
-    (["--preset", "tiny", "--backend", "onnxruntime"], "--backend onnxruntime: onnxruntime and tensorrt run a "
-                                                       "--bundle"),
+    (["--preset", "tiny", "--backend", "onnxruntime"], "--backend 'onnxruntime' runs a bundle: make one with "
+                                                       "`wuerstchen export`"),
     (["--bundle", "b", "--baseline", "diffusers"], "--baseline needs the weights"),
 ])
 def test_bad_arguments_are_one_line(capsys, args, message):

@@ -30,7 +30,7 @@ def test_demo_writes_a_png_with_its_settings(tmp_path, capsys):
     assert image.text["prompt"] == "a cat" and image.text["negative_prompt"] == "dog" and image.text["seed"] == "5"
     settings = json.loads(image.text["settings"])
     assert settings["height"] == 128 and settings["width"] == 256 and settings["prior_num_inference_steps"] == 2
-    assert settings["dtype"] == "fp32" and settings["model"] == "tiny demo (random weights) on torch"
+    assert settings["dtype"] == "fp32" and settings["model"] == "tiny demo (random weights, seed 0) on torch, cpu, fp32"
 
 
 def test_same_seed_same_bytes_other_seed_other_image(tmp_path):
@@ -56,7 +56,8 @@ def test_several_images_get_numbered_files(tmp_path):
     (["--num-images", "0"], "--num-images 0: expected a positive integer"),
     (["--dtype", "fp8"], "--dtype 'fp8' is not supported: expected auto, fp32, fp16 or bf16"),
     (["--device", "tpu"], "--device 'tpu' is not a device: expected auto, cpu, cuda or cuda:N"),
-    (["--prior", "/no/such/prior"], "--prior given without --decoder: pass both folders, or neither"),
+    (["--prior", "/no/such/prior"], "--prior '/no/such/prior' needs the decoder folder too: pass both folders, or "
+                                    "neither"),
     (["--prior", "/no/such/prior", "--decoder", "/no/such/decoder"], "--prior '/no/such/prior': folder does not exist"),
     (["--height", "abc"], "argument --height: invalid int value: 'abc'"),
 ])
@@ -129,18 +130,18 @@ def test_export_the_demo_verify_it_and_generate_from_it(tmp_path, capsys):
 
 def test_export_takes_one_model_source(tmp_path, capsys):
     assert _status(["export", "--out", str(tmp_path / "b"), "--preset", "tiny", "--prior", "p", "--decoder", "d"]) == 2
-    assert capsys.readouterr().err == "wuerstchen export: error: --preset given with --prior/--decoder: pass one " \
-                                      "model source\n"
+    assert capsys.readouterr().err == "wuerstchen export: error: --preset 'tiny' given with prior/decoder folders: " \
+                                      "pass one model source\n"
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bundle", "b", "--prior", "p", "--decoder", "d"], "--bundle given with --prior/--decoder"),
-    (["--backend", "onnxruntime"], "--backend onnxruntime runs a --bundle: make one with `wuerstchen export`"),
-    (["--bundle", "b", "--backend", "torch"], "--backend torch cannot run a --bundle: expected onnxruntime or "
+    (["--bundle", "b", "--prior", "p", "--decoder", "d"], "--prior 'p' given with bundle: pass one model source"),
+    (["--backend", "onnxruntime"], "--backend 'onnxruntime' runs a bundle: make one with `wuerstchen export`"),
+    (["--bundle", "b", "--backend", "torch"], "--backend 'torch' cannot run a bundle: expected onnxruntime or "
                                               "tensorrt"),
-    (["--backend", "tensorrt-llm"], "backend='tensorrt-llm' is unknown: expected one of torch, torch-fast, "
+    (["--backend", "tensorrt-llm"], "--backend 'tensorrt-llm' is unknown: expected one of torch, torch-fast, "
                                     "torch-compile, onnxruntime, tensorrt"),
-    (["--bundle", "/no/such/bundle"], "bundle='/no/such/bundle': folder does not exist"),
+    (["--bundle", "/no/such/bundle"], "--bundle '/no/such/bundle': folder does not exist"),
 ])
 def test_model_source_errors_are_one_line(tmp_path, capsys, args, message):
     assert _status(["generate", "x", "--out", str(tmp_path / "x.png"), *args]) == 2

@@ -4,13 +4,18 @@ cache, and the torch-fast backend's images against the reference path."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from conftest import save_folders
+from PIL import Image
 
-from engine import WuerstchenError, WuerstchenPipeline
+from benchmarks.reference import random_reference
+from engine import WuerstchenError, WuerstchenPipeline, preset
 from engine.backends import Backend
+from engine.cli import main
 from engine.denoise import StepGraphs
 from kernels.attention import attention, attention_ref
 
@@ -106,13 +111,18 @@ def test_custom_op_traces_whole_under_compile_and_export():
     assert torch.allclose(program.module()(q, k, v), block(q, k, v))
 
 
-def test_models_compile_whole_without_recompiling_across_sizes(tiny_pipeline):
-    """The prior, with the kernel inside, is one graph for every latent size (dynamic shapes, no recompile)."""
-    from engine.models.blocks import attention_implementation
+def test_models_compile_whole_without_recompiling_across_sizes():
+    """The fused prior, with the kernels inside, is one graph for every latent size (dynamic shapes, no
+    recompile), and computes what the plain prior does."""
+    from engine import preset
+    from engine.models.fused import fuse
+    from engine.models.prior import Prior
+    from engine.weights import random_stage
 
-    prior = copy.deepcopy(tiny_pipeline.prior).to(DEVICE)
-    with attention_implementation(prior, "triton"), torch._dynamo.config.patch(error_on_recompile=True):
-        compiled = torch.compile(prior, fullgraph=True, dynamic=True, backend="aot_eager")
+    prior = random_stage(Prior, preset("tiny").prior, 1, DEVICE, torch.float32, shrink=("out.1.",))
+    fused = fuse(copy.deepcopy(prior))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = torch.compile(fused, fullgraph=True, dynamic=True, backend="aot_eager")
         for batch, h, w in ((2, 6, 9), (3, 12, 5)):
             x, r = torch.randn(batch, 16, h, w, device=DEVICE), torch.rand(batch, device=DEVICE)
             kv = prior.condition(torch.randn(batch, 77, 32, device=DEVICE))
@@ -169,10 +179,36 @@ def test_fast_backend_makes_the_reference_images(tiny_folders):
         if seed_offset == 0:
             assert np.abs(actual - expected).max() <= 2e-3
     assert np.abs(actual - expected).max() > 1e-2
-    assert [key[0] for key in fast.step_graphs.keys()] == ["prior", "decoder"]
+    assert [key[0] for key in fast.stages.loop.keys()] == ["prior", "decoder"]
 
 
 def test_backend_names_are_listed_when_wrong():
     with pytest.raises(WuerstchenError, match=r"^backend='fast' is unknown: expected one of torch, torch-fast, "
                                               r"torch-compile, onnxruntime, tensorrt$"):
         Backend.parse("fast")
+
+
+@pytest.mark.parametrize("head_dim", [12, 24])
+def test_a_checkpoint_that_runs_on_torch_runs_on_torch_fast(head_dim, tmp_path, caplog):
+    """Attention head dims the kernel does not cover run those layers on the reference path: the command line's
+    images on torch-fast equal torch's within 2/255, and the fallback is logged once."""
+    tiny = preset("tiny")
+    width = 2 * head_dim  # two heads everywhere
+    config = dataclasses.replace(
+        tiny, prior=dataclasses.replace(tiny.prior, c=width, nhead=2),
+        decoder=dataclasses.replace(tiny.decoder, c_hidden=(16, width, width, width), nhead=(-1, 2, 2, 2)))
+    prior, decoder = save_folders(random_reference(config, seed=head_dim), tmp_path)
+    images = {}
+    for backend in ("torch", "torch-fast"):
+        out = tmp_path / f"{backend}.png"
+        assert main(["generate", "a red boat", "--prior", str(prior), "--decoder", str(decoder), "--backend", backend,
+                     "--device", DEVICE.type, "--dtype", "fp32", "--seed", "3", "--height", "256", "--width", "128",
+                     "--prior-steps", "3", "--decoder-steps", "2", "--out", str(out)]) == 0
+        images[backend] = np.asarray(Image.open(out), dtype=int)
+    assert np.abs(images["torch-fast"] - images["torch"]).max() <= 2
+    assert images["torch"].std() > 2  # a picture, not a constant
+    fallbacks = [r.getMessage() for r in caplog.records if "attention kernel's envelope" in r.getMessage()]
+    assert fallbacks == [f"torch-fast: 2 attention blocks of the prior run on the reference path: head dim {head_dim} "
+                         "is outside the attention kernel's envelope (16, 32, 64, 128)",
+                         f"torch-fast: 6 attention blocks of the decoder run on the reference path: head dim "
+                         f"{head_dim} is outside the attention kernel's envelope (16, 32, 64, 128)"]

@@ -50,7 +50,7 @@ def test_full_size_decoder_step():
     effnet = torch.randn(SHAPES.prior_latent, generator=generator) * 40
     r, text = torch.tensor([0.6]), torch.randn(1, 77, 1024, generator=generator)
     expected = reference(x, r=r, effnet=effnet, clip=text)
-    actual = ours(x, r, *ours.condition(resize_image_embeddings(effnet, V2.decoder, SHAPES.decoder_levels), text))
+    actual = ours(x, r, ours.condition(resize_image_embeddings(effnet, V2.decoder, SHAPES.decoder_levels), text))
     assert (expected - x).abs().mean() > 0.01
     assert _relative_error(actual, expected) < 1e-4
 
@@ -75,15 +75,17 @@ def test_full_size_prior_exports_with_external_data(tmp_path):
     from engine.backends.onnxruntime import OnnxGraph
     from engine.bundle import Bundle
     from engine.models import Prior
+    from engine.precision import Precision
     from engine.weights import random_stage
     from export.bundle import OPSETS, export_graph
     from export.graphs import graph_specs
 
     cpu = torch.device("cpu")
     prior = random_stage(Prior, V2.prior, seed=0, device=cpu, dtype=torch.float32, shrink=("out.1.",))
-    spec = graph_specs(SimpleNamespace(config=V2, dtype=torch.float32, prior=prior), ("prior_step",))["prior_step"]
+    pipe = SimpleNamespace(config=V2, dtype=torch.float32, stages=SimpleNamespace(prior=prior))
+    spec = graph_specs(pipe, ("prior_step",))["prior_step"]
     start = time.perf_counter()
-    files = export_graph(spec, V2, V2.sizes, tmp_path, OPSETS[torch.float32])
+    files = export_graph(spec, V2, V2.sizes, tmp_path, OPSETS[Precision.FP32], cpu)
     seconds = time.perf_counter() - start
     sizes = {f: (tmp_path / f).stat().st_size for f in files}
     print(f"\nfull-size prior_step export: {seconds:.0f} s, {sizes}")

@@ -1,28 +1,40 @@
-"""The fused norm kernels (in Triton's interpreter on a CPU) against their references, and the fused,
-channels-last blocks against the plain ones."""
+"""The fused norm kernels (in Triton's interpreter on a CPU) against their references, and the fast path's
+fused, channels-last modules (`engine.models.fused.fuse`) against the plain ones."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
+import logging
 import os
 
 import pytest
 import torch
 
-from engine import preset
-from engine.models.blocks import (
-    AttnBlock,
-    ResBlock,
-    StackedFiLM,
-    TimestepBlock,
-    fusable_chains,
-    use_channels_last,
-    use_fused_kernels,
-)
+import engine.models.blocks
+import engine.models.decoder
+import engine.models.prior
+import engine.models.vqgan
+import kernels.norms
+from engine import WuerstchenError, preset
+from engine.models.blocks import AttnBlock, ResBlock, TimestepBlock, sdpa_attention
 from engine.models.decoder import Decoder, resize_image_embeddings
+from engine.models.fused import (
+    FusedAttnBlock,
+    FusedChain,
+    FusedLayerNorm2d,
+    FusedMixingBlock,
+    FusedResBlock,
+    Fusions,
+    StackedFiLM,
+    fusable_chains,
+    fuse,
+)
 from engine.models.prior import Prior
 from engine.models.vqgan import MixingResidualBlock, VQGANDecoder
 from engine.shapes import image_shapes
+from kernels.attention import attention
 from kernels.matmul import linear_gelu, linear_gelu_ref
 from kernels.norms import (
     global_response_norm,
@@ -213,21 +225,16 @@ def test_fused_stages_trace_whole_under_compile():
     in one graph."""
     config = preset("tiny")
     shapes = image_shapes(config, 128, 128, batch=2)
-    prior, decoder, vqgan = (_perturbed(model, 12) for model in (
-        Prior(config.prior), Decoder(config.decoder), VQGANDecoder(config.vqgan)))
-    for model in (prior, decoder, vqgan):
-        use_fused_kernels(model)
-        use_channels_last(model)
-    for block in vqgan.modules():
-        if isinstance(block, MixingResidualBlock):
-            block.gemm_gelu = True
+    plain = [_perturbed(model, 12) for model in (
+        Prior(config.prior), Decoder(config.decoder), VQGANDecoder(config.vqgan))]
+    prior, decoder, vqgan = (fuse(model, Fusions(gemm_gelu=True)) for model in plain)
     x, r = torch.randn(shapes.prior_latent, device=DEVICE), torch.rand(2, device=DEVICE)
     latent = torch.randn(shapes.decoder_latent, device=DEVICE)
     with torch.no_grad():
         kv = prior.condition(torch.randn(2, 77, 32, device=DEVICE))
         pyramid = resize_image_embeddings(x, config.decoder, shapes.decoder_levels)
-        decoder_kv, effnet = decoder.condition(pyramid, torch.randn(2, 77, 24, device=DEVICE))
-        for model, inputs in ((prior, (x, r, kv)), (decoder, (latent, r, decoder_kv, effnet)), (vqgan, (latent,))):
+        conditioning = decoder.condition(pyramid, torch.randn(2, 77, 24, device=DEVICE))
+        for model, inputs in ((prior, (x, r, kv)), (decoder, (latent, r, conditioning)), (vqgan, (latent,))):
             compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
             assert torch.allclose(compiled(*inputs), model(*inputs), atol=1e-5)
     torch._dynamo.reset()
@@ -249,12 +256,12 @@ def test_fused_channels_last_blocks_equal_the_plain_ones(dtype):
     x = torch.randn(2, 24, 23, 31, generator=generator).to(DEVICE, dtype)
     skip = torch.randn(2, 8, 23, 31, generator=generator).to(DEVICE, dtype)
     bound = {torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
-    for plain, arguments, gemm_gelu in ((res, (x, skip), False), (mixing, (x,), False), (mixing, (x,), True)):
-        fused = copy.deepcopy(plain)
-        use_fused_kernels(fused)
-        use_channels_last(fused)
-        if gemm_gelu:
-            fused.gemm_gelu = True
+    for plain, arguments, make_fused in (
+        (res, (x, skip), lambda block: FusedResBlock(block, FusedLayerNorm2d(block.norm.eps))),
+        (mixing, (x,), lambda block: FusedMixingBlock(block, gemm_gelu=False)),
+        (mixing, (x,), lambda block: FusedMixingBlock(block, gemm_gelu=True)),
+    ):
+        fused = make_fused(copy.deepcopy(plain)).to(memory_format=torch.channels_last)
         with torch.no_grad():
             expected = plain(*arguments)
             actual = fused(*(a.contiguous(memory_format=torch.channels_last) for a in arguments))
@@ -281,45 +288,63 @@ def test_chains_group_each_resblock_with_the_film_and_attention_after_it():
                                       (res, time)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_fused_stages_equal_the_plain_ones(dtype):
-    """Every fusion of the fast path at once, on the tiny preset's stages with perturbed weights: the
-    prior's and decoder's chains (with attention, FiLM only, effnet and level skips) and the VQGAN.
-
-    The noise heads divide by as little as 1e-5, which turns any rounding difference near that pole into
-    an arbitrary one; the heads' unfused code is shared, so the stages are compared on the heads' inputs."""
-    config = preset("tiny")
-    shapes = image_shapes(config, 256, 384, batch=2)
-    generator = torch.Generator().manual_seed(8)
+def _stage_runs(config, dtype: torch.dtype, generator: torch.Generator, height: int = 256, width: int = 384) -> dict:
+    """Each stage of `config` and how to run it once on random inputs drawn from `generator`: the same inputs
+    again when the generator's state is restored."""
+    shapes = image_shapes(config, height, width, batch=2)
 
     def randn(*size):
         return torch.randn(size, generator=generator).to(DEVICE, dtype)
 
     r = torch.rand(2, generator=generator).to(DEVICE, dtype)
     embedding = randn(*shapes.prior_latent)
-    stages = {
-        "prior": (Prior(config.prior), lambda m: m(randn(*shapes.prior_latent), r, m.condition(randn(2, 77, 32)))),
-        "decoder": (Decoder(config.decoder), lambda m: m(randn(*shapes.decoder_latent), r, *m.condition(
-            resize_image_embeddings(embedding, config.decoder, shapes.decoder_levels), randn(2, 77, 24)))),
+    return {
+        "prior": (Prior(config.prior), lambda m: m(randn(*shapes.prior_latent), r,
+                                                   m.condition(randn(2, 77, config.prior.c_cond)))),
+        "decoder": (Decoder(config.decoder), lambda m: m(randn(*shapes.decoder_latent), r, m.condition(
+            resize_image_embeddings(embedding, config.decoder, shapes.decoder_levels),
+            randn(2, 77, config.decoder.clip_embd)))),
         "vqgan": (VQGANDecoder(config.vqgan), lambda m: m(randn(*shapes.decoder_latent))),
     }
+
+
+def _fused_error(plain: torch.nn.Module, fused: torch.nn.Module, run, generator: torch.Generator) -> float:
+    """The relative difference between what `plain` and `fused` feed their noise heads on the same inputs."""
+    state = generator.get_state()
+    expected = _head_input(plain, run)
+    generator.set_state(state)  # the same inputs again
+    actual = _head_input(fused, run)
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("dtype, fusions", [
+    (torch.float32, Fusions()), (torch.float16, Fusions()), (torch.float32, Fusions(chains=False)),
+    (torch.float32, Fusions(gemm_gelu=True)),
+], ids=["fp32", "fp16", "fp32-kernels-only", "fp32-gemm-gelu"])
+def test_fused_stages_equal_the_plain_ones(dtype, fusions):
+    """Every fusion of the fast path at once, on the tiny preset's stages with perturbed weights: the
+    prior's and decoder's chains (with attention, FiLM only, effnet and level skips) and the VQGAN; then the
+    kernels alone, each block on its own; then with the VQGAN's Linear and GELU as one GEMM.
+
+    The noise heads divide by as little as 1e-5, which turns any rounding difference near that pole into
+    an arbitrary one; the heads' unfused code is shared, so the stages are compared on the heads' inputs."""
+    generator = torch.Generator().manual_seed(8)
     bound = {torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
-    for name, (plain, run) in stages.items():
+    for name, (plain, run) in _stage_runs(preset("tiny"), dtype, generator).items():
+        if fusions.gemm_gelu and name != "vqgan":  # linear_gelu only changes the VQGAN
+            continue
         plain = _perturbed(plain, 9).to(dtype)
-        fused = copy.deepcopy(plain)
-        use_fused_kernels(fused)
-        use_channels_last(fused)
-        state = generator.get_state()
-        expected = _head_input(plain, run)
-        generator.set_state(state)  # the same inputs again
-        actual = _head_input(fused, run)
-        error = ((actual - expected).norm() / expected.norm()).item()
+        fused = fuse(copy.deepcopy(plain), fusions)
+        assert fused.fallbacks == {}
+        chains = [unit for unit in fused.modules() if isinstance(unit, FusedChain | FusedMixingBlock)]
+        assert bool(chains) == fusions.chains
+        error = _fused_error(plain, fused, run, generator)
         assert error < bound, (name, error)
 
 
 def _head_input(model: torch.nn.Module, run) -> torch.Tensor:
     """What `model` feeds its noise head (the output of `out` or `clf`), or its output if it has none."""
-    head = model.out if isinstance(model, Prior) else model.clf if isinstance(model, Decoder) else None
+    head = next((getattr(model, name) for name in ("out", "clf") if hasattr(model, name)), None)
     captured = []
     hook = head.register_forward_hook(lambda module, inputs, output: captured.append(output)) if head else None
     with torch.no_grad():
@@ -327,3 +352,94 @@ def _head_input(model: torch.nn.Module, run) -> torch.Tensor:
     if hook:
         hook.remove()
     return (captured[0] if captured else output).float()
+
+
+def test_attention_outside_the_kernels_envelope_falls_back_to_sdpa(caplog):
+    """Head dims 12 and 24, which the attention kernel does not take: those blocks attend with SDPA, still
+    inside their fused chains; every other layer stays on the kernels; each reason is logged once."""
+    tiny = preset("tiny")
+    config = dataclasses.replace(
+        tiny, prior=dataclasses.replace(tiny.prior, c=24, nhead=2),  # head dim 12
+        decoder=dataclasses.replace(tiny.decoder, c_hidden=(16, 24, 48, 32), nhead=(-1, 2, 2, 2)))  # 12, 24, 16
+    twelve = "head dim 12 is outside the attention kernel's envelope (16, 32, 64, 128)"
+    twenty_four = "head dim 24 is outside the attention kernel's envelope (16, 32, 64, 128)"
+    expected = {"prior": ({twelve: 2}, [f"torch-fast: 2 attention blocks of the prior run on the reference path: "
+                                        f"{twelve}"]),
+                "decoder": ({twelve: 2, twenty_four: 2}, [
+                    f"torch-fast: 2 attention blocks of the decoder run on the reference path: {twelve}",
+                    f"torch-fast: 2 attention blocks of the decoder run on the reference path: {twenty_four}"])}
+    generator = torch.Generator().manual_seed(13)
+    for name, (plain, run) in _stage_runs(config, torch.float32, generator).items():
+        if name == "vqgan":
+            continue
+        plain = _perturbed(plain, 14)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="engine.models.fused"):
+            fused = fuse(copy.deepcopy(plain))
+        fallbacks, messages = expected[name]
+        assert fused.fallbacks == fallbacks
+        assert [record.getMessage() for record in caplog.records] == messages
+        chains = [unit for unit in fused.modules() if isinstance(unit, FusedChain) and unit.attn is not None]
+        assert chains and all(isinstance(chain.res, FusedResBlock) for chain in chains)
+        functions = [chain.attn.attention for chain in chains]
+        assert functions.count(sdpa_attention) == sum(fallbacks.values())
+        assert functions.count(attention) == len(chains) - sum(fallbacks.values())
+        assert _fused_error(plain, fused, run, generator) < 1e-5
+
+
+def test_widths_outside_the_layer_norm_kernels_run_unfused(monkeypatch, caplog):
+    """With the LayerNorm kernels' envelope narrowed to 24 channels, the tiny decoder's 32-channel levels run
+    their norms and glue on the reference path (a kernel called there would refuse them) and its 16-channel
+    level stays fused; the result is the plain decoder's."""
+    monkeypatch.setattr(kernels.norms, "MAX_CHANNELS", 24)
+    generator = torch.Generator().manual_seed(15)
+    plain, run = _stage_runs(preset("tiny"), torch.float32, generator)["decoder"]
+    plain = _perturbed(plain, 16)
+    with caplog.at_level(logging.WARNING, logger="engine.models.fused"):
+        fused = fuse(copy.deepcopy(plain))
+    reason = "width 32 is outside the LayerNorm kernels' envelope (at most 24 channels)"
+    assert list(fused.fallbacks) == [reason]
+    [message] = [record.getMessage() for record in caplog.records]
+    assert message.startswith("torch-fast: ") and "LayerNorms and 6 block chains of the decoder run" in message
+    assert isinstance(fused.down_levels[0][0], FusedChain) and isinstance(fused.embedding[2], FusedLayerNorm2d)
+    for level in (*fused.down_levels[1:], *fused.up_levels[:-1]):
+        assert not any(isinstance(unit, FusedChain) for unit in level)
+        attn = next(unit for unit in level if isinstance(unit, FusedAttnBlock))
+        assert attn.attention is attention and not isinstance(attn.norm, FusedLayerNorm2d)
+    assert _fused_error(plain, fused, run, generator) < 1e-5
+
+
+def test_plain_model_files_know_nothing_of_the_fast_path():
+    for module in (engine.models.blocks, engine.models.prior, engine.models.decoder, engine.models.vqgan):
+        source = inspect.getsource(module)
+        for word in ("from kernels", "import kernels", "fused", "channels_last", "triton"):
+            assert word not in source, (module.__name__, word)
+
+
+def test_fusing_leaves_the_plain_model_computing_what_it_did():
+    """The fused module shares the plain model's weights and adds nothing to it; the plain model's results,
+    with its convolution weights now channels-last, are the same up to fp32 rounding."""
+    generator = torch.Generator().manual_seed(17)
+    for name, (plain, run) in _stage_runs(preset("tiny"), torch.float32, generator).items():
+        plain = _perturbed(plain, 18)
+        state = generator.get_state()
+        before = _head_input(plain, run)
+        names = set(plain.state_dict())
+        fused = fuse(plain, Fusions(gemm_gelu=True))
+        assert set(plain.state_dict()) == names
+        assert {id(p) for p in fused.parameters()} == {id(p) for p in plain.parameters()}
+        generator.set_state(state)
+        after = _head_input(plain, run)
+        assert ((after - before).norm() / before.norm()).item() < 1e-6, name
+
+
+def test_fuse_refuses_what_it_does_not_know():
+    with pytest.raises(WuerstchenError, match="^fuse: model of type ResBlock: expected a Prior, Decoder or "
+                                              "VQGANDecoder$"):
+        fuse(ResBlock(8))
+    with torch.device("meta"):
+        prior = Prior(preset("tiny").prior)
+    with pytest.raises(WuerstchenError, match="the model's weights are on the meta device: expected them loaded"):
+        fuse(prior)
+    with pytest.raises(WuerstchenError, match=r"Fusions\(gemm_gelu=True, chains=False\): expected chains=True"):
+        Fusions(chains=False, gemm_gelu=True)

@@ -30,7 +30,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def test_loaded_models_live_on_the_device_with_every_weight_from_the_file(tiny_pipeline):
-    for model in (tiny_pipeline.prior, tiny_pipeline.decoder, tiny_pipeline.vqgan):
+    for model in (tiny_pipeline.stages.prior, tiny_pipeline.stages.decoder, tiny_pipeline.stages.vqgan):
         assert all(p.device == CPU and p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
         assert not model.training
 
@@ -48,7 +48,7 @@ def test_every_checkpoint_format_loads_the_same_weights(reference_modules, tiny_
         assert not (folder / "diffusion_pytorch_model.safetensors").exists()
     if save.get("max_shard_size"):
         assert len(list(folder.glob("*.safetensors"))) > 1
-    assert _same_weights(loaded, tiny_pipeline.decoder)
+    assert _same_weights(loaded, tiny_pipeline.stages.decoder)
 
 
 def test_fp16_variant_is_chosen_on_request(reference_modules, tiny_pipeline, tmp_path):
@@ -58,7 +58,7 @@ def test_fp16_variant_is_chosen_on_request(reference_modules, tiny_pipeline, tmp
     config = tiny_pipeline.config.vqgan
     plain = load_stage("vqgan", VQGANDecoder, config, folder, CPU, torch.float32)
     half = load_stage("vqgan", VQGANDecoder, config, folder, CPU, torch.float32, variant="fp16")
-    assert _same_weights(plain, tiny_pipeline.vqgan)
+    assert _same_weights(plain, tiny_pipeline.stages.vqgan)
     assert not _same_weights(half, plain)
     plain_state = plain.state_dict()
     assert all(torch.equal(tensor, plain_state[key].half().float()) for key, tensor in half.state_dict().items())

@@ -45,7 +45,7 @@ def test_prior_step_matches_diffusers(tiny_pipeline, reference_modules):
     x = torch.randn(2, 16, 6, 9, generator=generator)
     r = torch.tensor([0.9, 0.31])
     text = torch.randn(2, 77, 32, generator=generator)
-    reference, ours = reference_modules["prior"], tiny_pipeline.prior
+    reference, ours = reference_modules["prior"], tiny_pipeline.stages.prior
     expected, actual, expected_head, actual_head = _outputs_and_heads(
         reference, ours, "out", lambda: reference(x, r=r, c=text), lambda: ours(x, r, ours.condition(text)))
     b = expected_head.chunk(2, dim=1)[1]
@@ -61,10 +61,10 @@ def test_decoder_step_matches_diffusers(tiny_pipeline, reference_modules, height
     effnet = torch.randn(shapes.prior_latent, generator=generator) * 20
     text = torch.randn(2, 77, 24, generator=generator)
     r = torch.tensor([0.75, 0.2])
-    reference, ours = reference_modules["decoder"], tiny_pipeline.decoder
+    reference, ours = reference_modules["decoder"], tiny_pipeline.stages.decoder
     expected, actual, expected_head, actual_head = _outputs_and_heads(
         reference, ours, "clf", lambda: reference(x, r=r, effnet=effnet, clip=text),
-        lambda: ours(x, r, *ours.condition(resize_image_embeddings(effnet, ours.config, shapes.decoder_levels), text)))
+        lambda: ours(x, r, ours.condition(resize_image_embeddings(effnet, ours.config, shapes.decoder_levels), text)))
     b = expected_head.chunk(2, dim=1)[1].sigmoid() * (1 - 2e-3) + 1e-3
     _assert_matches(expected, actual, expected_head, actual_head, b)
 
@@ -74,7 +74,7 @@ def test_vqgan_decode_matches_diffusers(tiny_pipeline, reference_modules):
     latents = torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(3)) * 2
     vqgan = reference_modules["vqgan"]
     expected = vqgan.decode(vqgan.config.scale_factor * latents).sample.clamp(0, 1)
-    actual = tiny_pipeline.vqgan(latents)
+    actual = tiny_pipeline.stages.vqgan(latents)
     assert actual.shape == (2, 3, 96, 160)
     assert 0.05 < expected.std() and _max_diff(actual, expected) < 1e-5
 
@@ -85,10 +85,10 @@ def test_text_encoders_match_diffusers(tiny_pipeline, reference_pipeline, stage)
     prompts = ["a photo of a cat", "", "Ünïcode, punctuation; and   spaces!"]
     if stage == "prior":
         expected, _ = reference_pipeline.prior_pipe.encode_prompt("cpu", 1, False, prompt=prompts)
-        actual = tiny_pipeline.prior_text(prompts)
+        actual = tiny_pipeline.stages.prior_text(prompts)
     else:
         expected, _ = reference_pipeline.decoder_pipe.encode_prompt(prompts, "cpu", 1, False)
-        actual = tiny_pipeline.decoder_text(prompts)
+        actual = tiny_pipeline.stages.decoder_text(prompts)
     width = getattr(tiny_pipeline.config, f"{stage}_text").hidden_size
     assert actual.shape == expected.shape == (3, 77, width)
     assert _max_diff(actual, expected) < 1e-5

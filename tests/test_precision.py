@@ -32,30 +32,31 @@ def test_every_stage_stays_close_to_fp32(low_precision, tiny_pipeline):
     generator = torch.Generator().manual_seed(0)
     prompts = ["a watercolour fox", ""]
     errors = {}
+    low, reference = low_precision.stages, tiny_pipeline.stages
 
-    errors["prior text"] = _relative_error(low_precision.prior_text(prompts), tiny_pipeline.prior_text(prompts))
-    errors["decoder text"] = _relative_error(low_precision.decoder_text(prompts), tiny_pipeline.decoder_text(prompts))
+    errors["prior text"] = _relative_error(low.prior_text(prompts), reference.prior_text(prompts))
+    errors["decoder text"] = _relative_error(low.decoder_text(prompts), reference.decoder_text(prompts))
 
     x = torch.randn(shapes.prior_latent, generator=generator)
     # At r = 0 every dtype holds r·10000 exactly. Elsewhere fp16 and bf16 round the noise level the model
     # sees (bf16 to multiples of 32–64 of r·10000), exactly as the reference does: see test_timestep_embedding.
     r = torch.zeros(2)
-    text = tiny_pipeline.prior_text(prompts)
-    expected = tiny_pipeline.prior(x, r, tiny_pipeline.prior.condition(text))
-    actual = low_precision.prior(x.to(dtype), r.to(dtype), low_precision.prior.condition(text.to(dtype)))
+    text = reference.prior_text(prompts)
+    expected = reference.prior(x, r, reference.prior.condition(text))
+    actual = low.prior(x.to(dtype), r.to(dtype), low.prior.condition(text.to(dtype)))
     errors["prior step"] = _relative_error(actual, expected)
 
     x = torch.randn(shapes.decoder_latent, generator=generator)
     effnet = torch.randn(shapes.prior_latent, generator=generator) * 40  # image embeddings reach ±200
-    text = tiny_pipeline.decoder_text(prompts)
+    text = reference.decoder_text(prompts)
     pyramid = resize_image_embeddings(effnet, tiny_pipeline.config.decoder, shapes.decoder_levels)
-    expected = tiny_pipeline.decoder(x, r, *tiny_pipeline.decoder.condition(pyramid, text))
+    expected = reference.decoder(x, r, reference.decoder.condition(pyramid, text))
     pyramid = resize_image_embeddings(effnet.to(dtype), tiny_pipeline.config.decoder, shapes.decoder_levels)
-    actual = low_precision.decoder(x.to(dtype), r.to(dtype), *low_precision.decoder.condition(pyramid, text.to(dtype)))
+    actual = low.decoder(x.to(dtype), r.to(dtype), low.decoder.condition(pyramid, text.to(dtype)))
     errors["decoder step"] = _relative_error(actual, expected)
 
     latents = torch.randn(shapes.decoder_latent, generator=generator) * 2
-    errors["vqgan decode"] = _relative_error(low_precision.vqgan(latents.to(dtype)), tiny_pipeline.vqgan(latents))
+    errors["vqgan decode"] = _relative_error(low.vqgan(latents.to(dtype)), reference.vqgan(latents))
 
     assert all(error < bound for error in errors.values()), errors
 

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from engine import WuerstchenError, WuerstchenPipeline
 from engine.bundle import GRAPHS
 from engine.models.blocks import attention_implementation
+from engine.precision import Precision
 from engine.shapes import image_shapes
 from export import precision
 from export.graphs import graph_specs
@@ -182,7 +183,7 @@ def test_bf16_graph_is_valid_and_low_outside_the_islands(name, fp32_graphs, conv
 @pytest.mark.parametrize("low", LOW_TYPES)
 def test_attention_mask_constant_is_clamped_to_the_finite_range(low, converted):
     model = converted[low, "prior_text"]
-    limit = float(precision.PRECISIONS[low].max_finite)
+    limit = float(precision.LOW_PRECISIONS[Precision(low)].max_finite)
     values = [numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer
               if t.data_type == LOW_TYPES[low]]
     assert all(np.isfinite(v).all() for v in values)
@@ -204,7 +205,7 @@ def test_check_strongly_typed_names_a_node_that_mixes_dtypes(converted):
 def test_unknown_precision_is_refused_and_fp32_returns_the_model(fp32_graphs):
     model = fp32_graphs["prior_step"]
     assert convert_precision(model, "fp32") is model
-    with pytest.raises(WuerstchenError, match=r"^precision='int8' is unknown: expected one of fp32, fp16, bf16$"):
+    with pytest.raises(WuerstchenError, match=r"^precision='int8' is not supported: expected fp32, fp16 or bf16"):
         convert_precision(model, "int8")
     with pytest.raises(WuerstchenError, match=r"expects a float32 graph: tensor '.*' is already TensorProto.FLOAT16"):
         convert_precision(convert_precision(model, "fp16"), "fp16")

@@ -22,6 +22,16 @@ from engine import WuerstchenError, WuerstchenPipeline
 from engine.backends.tensorrt import ALIGNMENT, TensorRTGraph, aligned_empty
 from engine.bundle import open_bundle
 from engine.cli import main
+from engine.engine_cache import (
+    BuildSettings,
+    EngineCache,
+    cache_key,
+    graph_digest,
+    plan_engines,
+    read_plan_header,
+    tensorrt_module,
+)
+from engine.precision import Precision
 from engine.profiles import (
     Bucket,
     Profile,
@@ -32,15 +42,7 @@ from engine.profiles import (
     validate_profiles,
 )
 from engine.shapes import image_shapes, resolve_dims, symbol_values
-from export.tensorrt import (
-    BuildSettings,
-    EngineCache,
-    cache_key,
-    graph_digest,
-    plan_engines,
-    read_plan_header,
-    tensorrt_module,
-)
+from export.tensorrt import prepare_graph
 
 ENV = {"tensorrt": "10.12.0.36", "onnx_parser": "10.12.0", "cuda_major": 12,
        "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
@@ -150,24 +152,42 @@ def test_every_field_changes_the_key(tiny_bundle, change):
     assert _key(tiny_bundle, **change)[0] != _key(tiny_bundle)[0]
 
 
-def test_graph_digest_covers_external_data(tiny_bundle, tmp_path):
+def _with_external_data(bundle, tiny_bundle, folder, listed: list[str]):
+    """The bundle's vqgan_decode graph saved with its weights in `weights.bin`, in a copy of the bundle whose
+    manifest entry lists `listed` as the graph's external data."""
     import onnx
 
-    bundle = open_bundle(tiny_bundle)
     model = onnx.load(str(tiny_bundle / "vqgan_decode.onnx"))
-    folder = tmp_path / "bundle"
     folder.mkdir()
     onnx.save(model, str(folder / "vqgan_decode.onnx"), save_as_external_data=True, location="weights.bin",
               size_threshold=0)
-    manifest = {**bundle.manifest, "files": {"vqgan_decode.onnx": "a" * 64, "weights.bin": "b" * 64}}
-    external = dataclasses.replace(bundle, root=folder, manifest=manifest)
+    graphs = {**bundle.manifest["graphs"], "vqgan_decode": {**bundle.graph("vqgan_decode"), "external_data": listed}}
+    manifest = {**bundle.manifest, "graphs": graphs, "files": {"vqgan_decode.onnx": "a" * 64, "weights.bin": "b" * 64}}
+    return dataclasses.replace(bundle, root=folder, manifest=manifest)
+
+
+def test_graph_digest_covers_external_data(tiny_bundle, tmp_path):
+    bundle = open_bundle(tiny_bundle)
+    external = _with_external_data(bundle, tiny_bundle, tmp_path / "bundle", ["weights.bin"])
     digest = graph_digest(external, "vqgan_decode")
-    altered = dataclasses.replace(external, manifest={**manifest, "files": {**manifest["files"],
-                                                                             "weights.bin": "c" * 64}})
+    altered = dataclasses.replace(external, manifest={**external.manifest, "files": {
+        **external.manifest["files"], "weights.bin": "c" * 64}})
     assert graph_digest(altered, "vqgan_decode") != digest  # the weights are part of the graph's identity
-    unlisted = dataclasses.replace(external, manifest={**manifest, "files": {"vqgan_decode.onnx": "a" * 64}})
-    with pytest.raises(WuerstchenError, match="external data 'weights.bin' is not listed in the manifest"):
-        graph_digest(unlisted, "vqgan_decode")
+    unhashed = dataclasses.replace(external, manifest={**external.manifest, "files": {"vqgan_decode.onnx": "a" * 64}})
+    with pytest.raises(WuerstchenError, match="file 'weights.bin' is not listed in the manifest's files"):
+        graph_digest(unhashed, "vqgan_decode")
+
+
+def test_a_graph_reading_unlisted_external_data_is_not_built(tiny_bundle, tmp_path):
+    """The runtime keys plans by the files a graph's manifest entry lists; the builder checks with ONNX that the
+    graph reads no other."""
+    bundle = open_bundle(tiny_bundle)
+    unlisted = _with_external_data(bundle, tiny_bundle, tmp_path / "bundle", [])
+    plan = plan_engines(unlisted, BuildSettings(precision="fp32"), EngineCache(tmp_path / "cache"), env=ENV,
+                        graphs=("vqgan_decode",))[0]
+    with pytest.raises(WuerstchenError, match=r"graph vqgan_decode: reads external data \[.*weights.bin'\] that its "
+                                              r"manifest entry does not list"):
+        prepare_graph(plan, Precision.FP32)
 
 
 def _plan_bytes(version=(10, 12, 0, 36), tag=0x74727466, serialization=0, size=64):
@@ -215,7 +235,7 @@ def test_preparing_a_plan_converts_and_checks_its_graph(tiny_bundle, tmp_path):
 
     plan = plan_engines(open_bundle(tiny_bundle), BuildSettings(precision="bf16"), EngineCache(tmp_path), env=ENV,
                         graphs=("decoder_step",))[0]
-    plan.prepare("bf16")  # converts, then checks operator support and strong typing
+    prepare_graph(plan, Precision.BF16)  # converts, then checks operator support and strong typing
     model = onnx.load(str(plan.onnx), load_external_data=False)
     assert any(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in model.graph.value_info)
     assert [i.type.tensor_type.elem_type for i in model.graph.output] == [onnx.TensorProto.FLOAT]

@@ -13,12 +13,17 @@ import numpy as np
 import torch
 
 from engine.backends.graphs import graph_stages
-from engine.bundle import DTYPES, Bundle
+from engine.bundle import TENSOR_DTYPES, Bundle, open_bundle
+from engine.config import WuerstchenConfig
+from engine.device import resolve_device
 from engine.errors import WuerstchenError
+from engine.runtime import Runtime
 from engine.shapes import resolve_dims
+from engine.stages import Stages
 
+# ONNX Runtime's Python API binds these element types; it has none for bfloat16.
 ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
-PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def _onnxruntime():
@@ -31,19 +36,39 @@ def _onnxruntime():
     return onnxruntime
 
 
-def choose_providers(providers: Sequence[str] | None) -> list[str]:
-    """The execution providers to use: those asked for (each must be available), or CUDA when this
-    build of ONNX Runtime has it and a GPU is present, then the CPU. TensorRT's provider builds engines
-    on first use, which takes minutes, so it runs only when asked for."""
+def resolve_providers(device: str | torch.device | None,
+                      providers: Sequence[str] | None) -> tuple[tuple[str, ...], torch.device]:
+    """The execution providers and the device their tensors live on: one rule for every caller.
+
+    Given providers must all be available here, and the device is the GPU when the first of them runs on one.
+    Otherwise the device decides: "cpu" is the CPU provider; "cuda" or "cuda:N" the CUDA provider (which
+    this build of ONNX Runtime must have) before the CPU; "auto" or None the GPU when there is one and this
+    build has the CUDA provider, else the CPU. TensorRT's provider builds engines on first use, which takes
+    minutes, so it runs only when asked for."""
     available = _onnxruntime().get_available_providers()
-    if providers is None:
-        gpu = torch.cuda.is_available()
-        return [p for p in PREFERRED_PROVIDERS if p in available and (gpu or p != "CUDAExecutionProvider")]
-    providers = list(providers)
-    unknown = [p for p in providers if p not in available]
-    if not providers or unknown:
-        raise WuerstchenError(f"providers={providers!r}: expected a non-empty list of available ones, {available}")
-    return providers
+    explicit = device is not None and device != "auto"
+    if providers is not None:
+        unknown = [p for p in providers if p not in available]
+        if unknown:
+            raise WuerstchenError(f"providers={list(providers)!r}: {unknown} are not available in this ONNX Runtime, "
+                                  f"which has {available}")
+        on_gpu = providers[0] in GPU_PROVIDERS
+        resolved = resolve_device(device if explicit else "cuda" if on_gpu else "cpu")
+        if (resolved.type == "cuda") != on_gpu:
+            raise WuerstchenError(f"device={str(device)!r} disagrees with providers={list(providers)!r}, which run on "
+                                  f"the {'GPU' if on_gpu else 'CPU'}")
+        return tuple(providers), resolved
+    cuda = "CUDAExecutionProvider" in available
+    if not explicit:
+        resolved = torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
+    else:
+        resolved = resolve_device(device)
+        if resolved.type == "cuda" and not cuda:
+            raise WuerstchenError(f"device={str(device)!r}: this ONNX Runtime has no CUDA provider (it has "
+                                  f"{available}): pip install onnxruntime-gpu, or use device=cpu")
+    if resolved.type == "cuda":
+        return ("CUDAExecutionProvider", "CPUExecutionProvider"), resolved
+    return ("CPUExecutionProvider",), resolved
 
 
 class OnnxGraph:
@@ -71,14 +96,15 @@ class OnnxGraph:
         symbols: dict[str, int] = {}
         bound = []  # keeps every bound tensor alive until the run ends
         for spec, tensor in zip(self.inputs, tensors, strict=True):
-            tensor = tensor.to(self.device, DTYPES[spec["dtype"]]).contiguous()
+            tensor = tensor.to(self.device, TENSOR_DTYPES[spec["dtype"]]).contiguous()
             self._learn_symbols(spec, tensor.shape, symbols)
             binding.bind_input(spec["name"], device_type, device_id, ELEMENT_TYPES[tensor.dtype], tuple(tensor.shape),
                                tensor.data_ptr())
             bound.append(tensor)
         outputs = []
         for spec in self.outputs:
-            output = torch.empty(resolve_dims(spec["shape"], symbols), dtype=DTYPES[spec["dtype"]], device=self.device)
+            output = torch.empty(resolve_dims(spec["shape"], symbols), dtype=TENSOR_DTYPES[spec["dtype"]],
+                                 device=self.device)
             binding.bind_output(spec["name"], device_type, device_id, ELEMENT_TYPES[output.dtype],
                                 tuple(output.shape), output.data_ptr())
             outputs.append(output)
@@ -99,12 +125,8 @@ class OnnxGraph:
                                       f"expected {spec['shape']} with {symbols}")
 
 
-def load_stages(bundle: Bundle, providers: Sequence[str] | None) -> tuple[dict, torch.device]:
-    """The pipeline's stages on ONNX Runtime, and the device their tensors live on."""
-    if bundle.dtype not in ELEMENT_TYPES:
-        raise WuerstchenError(f"bundle dtype {bundle.manifest['dtype']} cannot be bound by ONNX Runtime's Python "
-                              "API: export with --dtype fp32 or fp16, or run it with TensorRT")
-    providers = choose_providers(providers)
-    device = torch.device("cuda" if providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-                          else "cpu")
-    return graph_stages(bundle, lambda name: OnnxGraph(bundle, name, providers, device), device), device
+def load(runtime: Runtime) -> tuple[WuerstchenConfig, Stages]:
+    """A bundle's graphs as the pipeline's stages on ONNX Runtime, with the resolved providers and device."""
+    bundle = open_bundle(runtime.source.bundle, check_hashes=runtime.source.check_hashes)
+    providers, device = list(runtime.options.providers), runtime.device
+    return bundle.config, graph_stages(bundle, lambda name: OnnxGraph(bundle, name, providers, device), device)

@@ -7,6 +7,9 @@ context has static, 256-byte-aligned input and output buffers, bound once; a cal
 enqueues with `execute_async_v3`, and copies the outputs out. With `cuda_graphs`, a context's enqueue is
 captured as a CUDA graph after one plain enqueue and replayed from then on.
 
+Engines come from the cache that `wuerstchen build` fills (`engine.engine_cache` names them); this module
+reads plans and refuses stale ones, and builds none unless asked to.
+
 Written against the TensorRT 10.x/11.x Python API; tests/test_tensorrt.py checks the order of these calls
 against a stand-in module, not TensorRT itself (see benchmarks/tensorrt_check.py for that).
 """
@@ -17,21 +20,26 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
 
 from engine.backends.graphs import graph_stages
-from engine.bundle import Bundle
+from engine.bundle import Bundle, open_bundle
+from engine.config import WuerstchenConfig
+from engine.engine_cache import BuildSettings, EngineCache, EnginePlan, plan_engines, tensorrt_module
 from engine.errors import WuerstchenError
 from engine.profiles import Profile, select_profile
+from engine.runtime import Runtime
+from engine.stages import Stages
 
+BUILDERS_GROUP = "wuerstchen.builders"
 ALIGNMENT = 256  # TensorRT requires I/O and activation addresses aligned to 256 bytes
 TORCH_DTYPES = {  # by TensorRT DataType *name*: the values differ between versions
     "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
     "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool,
 }
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def aligned_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -159,55 +167,58 @@ def device_memory_size(engine) -> int:
     return engine.device_memory_size_v2 if hasattr(engine, "device_memory_size_v2") else engine.device_memory_size
 
 
-def load_stages(bundle: Bundle, precision: str = "bf16", engines: str | Path | None = None,
-                cuda_graphs: bool = False, build: bool = True) -> tuple[dict, torch.device, torch.dtype]:
-    """The pipeline's stages on TensorRT: engines from the cache (`engines`, default BUNDLE/engines), built
-    there first when missing or stale if `build`; a corrupt or mismatching plan is reported and rebuilt."""
-    from export.tensorrt import BuildSettings, EngineCache, build_engines, plan_engines, tensorrt_module
-
+def load(runtime: Runtime) -> tuple[WuerstchenConfig, Stages]:
+    """A bundle's engines, from the cache (`TensorRTOptions.engines`, default BUNDLE/engines), as the pipeline's
+    stages. An engine that an earlier `wuerstchen build` made with any profiles is used; one that is missing,
+    stale or does not deserialize is refused with the command that builds it, or built now when the options
+    ask for it (`build_missing`, with the builder the build tools register: see `_builder`)."""
+    options = runtime.options
     trt = tensorrt_module()
-    if not torch.cuda.is_available():
-        raise WuerstchenError("backend='tensorrt' needs a CUDA GPU, and none is available here")
-    settings = BuildSettings(precision=precision)
-    cache = EngineCache(Path(engines) if engines else bundle.root / "engines")
+    bundle = open_bundle(runtime.source.bundle, check_hashes=runtime.source.check_hashes)
+    settings = BuildSettings(precision=runtime.precision)
+    cache = EngineCache(Path(options.engines) if options.engines else bundle.root / "engines")
+    build = _builder(bundle, settings, cache) if options.build_missing else None
 
-    def usable(plan) -> bool:
+    def usable(plan: EnginePlan) -> bool:
         return cache.stale_reason(plan.graph, plan.key, plan.fields["tensorrt"]) is None
 
-    def report(line: str) -> None:
-        warnings.warn(line, stacklevel=3)
-
-    # Each graph's engine: one an earlier `wuerstchen build` left (any profiles), else one built now with the
-    # default settings.
-    chosen = {}
+    chosen, missing = {}, []
     for default in plan_engines(bundle, settings, cache):
         found = next((plan for plan in [default, *cache.compatible(default)] if usable(plan)), None)
-        if found is None and not build:
-            raise WuerstchenError(f"no usable engine for {default.graph} in {cache.root}: run `wuerstchen build`")
-        chosen[default.graph] = (found or default, default)
-    build_engines([default for plan, default in chosen.values() if plan is default and not usable(default)],
-                  settings, cache, progress=report)
+        chosen[default.graph] = found or default
+        if found is None:
+            missing.append(default)
+    if missing:
+        if build is None:
+            reason = cache.stale_reason(missing[0].graph, missing[0].key, missing[0].fields["tensorrt"])
+            raise WuerstchenError(
+                f"no usable {runtime.precision.value} TensorRT engine for {', '.join(p.graph for p in missing)} in "
+                f"{cache.root} ({reason}): run `wuerstchen build {bundle.root} --dtype {runtime.precision.value}`, "
+                "or load with TensorRTOptions(build_missing=True)")
+        build(missing)
 
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    runtime_trt = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     loaded = {}
-    for graph_name, (plan, default) in chosen.items():
+    for graph_name, plan in chosen.items():
         entry = bundle.graph(graph_name)
         expected = sorted(t["name"] for t in (*entry["inputs"], *entry["outputs"]))
         path = cache.paths(graph_name, plan.key)[0]
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        engine = runtime_trt.deserialize_cuda_engine(path.read_bytes())
         if engine is None or sorted(engine.get_tensor_name(i) for i in range(engine.num_io_tensors)) != expected:
-            report(f"engine {path} {'could not be deserialized' if engine is None else 'has other inputs and outputs'}"
-                   ": rebuilding it")
+            problem = "could not be deserialized" if engine is None else "has other inputs and outputs"
+            if build is None:
+                raise WuerstchenError(f"engine {path} {problem}: rebuild it with `wuerstchen build {bundle.root}`")
+            warnings.warn(f"engine {path} {problem}: rebuilding it", stacklevel=2)
             path.unlink()
-            plan = default
-            build_engines([plan], settings, cache, progress=report)
+            plan = next(p for p in plan_engines(bundle, settings, cache, graphs=(graph_name,)))
+            build([plan])
             path = cache.paths(graph_name, plan.key)[0]
-            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            engine = runtime_trt.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise WuerstchenError(f"engine {path} could not be deserialized even after a rebuild")
         loaded[graph_name] = (engine, plan.profiles)
 
-    device = torch.device("cuda")
+    device = runtime.device
     scratch = aligned_empty((max(device_memory_size(engine) for engine, _ in loaded.values()),), torch.uint8, device)
     streams = CudaStreams(device)
 
@@ -215,6 +226,23 @@ def load_stages(bundle: Bundle, precision: str = "bf16", engines: str | Path | N
         engine, profiles = loaded[name]
         entry = bundle.graph(name)
         return TensorRTGraph(trt, engine, profiles, [t["name"] for t in entry["inputs"]],
-                             [t["name"] for t in entry["outputs"]], scratch, streams, cuda_graphs)
+                             [t["name"] for t in entry["outputs"]], scratch, streams, options.cuda_graphs)
 
-    return graph_stages(bundle, graph, device), device, PRECISION_DTYPES[precision]
+    return bundle.config, graph_stages(bundle, graph, device)
+
+
+def _builder(bundle: Bundle, settings: BuildSettings, cache: EngineCache) -> Callable[[list[EnginePlan]], None]:
+    """Builds plans into the cache with the builder that the build tools register as the entry point
+    `tensorrt` of `wuerstchen.builders` (setup.py: `export.tensorrt.build_engines`); the runtime names no
+    build tool itself, and asks for one only when building on load was asked for."""
+    found = entry_points(group=BUILDERS_GROUP, name="tensorrt")
+    if not found:
+        raise WuerstchenError("building TensorRT engines on load needs the build tools (the `export` package), "
+                              f"which are not installed here: build them elsewhere with `wuerstchen build "
+                              f"{bundle.root}` and copy {cache.root}")
+    build_engines = next(iter(found)).load()
+
+    def build(plans: list[EnginePlan]) -> None:
+        build_engines(plans, settings, cache, progress=lambda line: warnings.warn(line, stacklevel=4))
+
+    return build

@@ -2,7 +2,7 @@
 
 Math follows diffusers' `modeling_wuerstchen_common.py` exactly; the layout differs in two ways that
 make the denoising step cheaper without changing its result:
-- an attention block projects q, k and v of the image tokens with one fused Linear, and the keys and
+- an attention block projects q, k and v of the image tokens with one stacked Linear, and the keys and
   values of the text tokens are projected once per image (`AttnBlock.text_kv`), not once per step;
 - norms, the GRN's sum of squares and the noise heads are computed in fp32, so that fp16 activations
   cannot overflow them, and exported graphs inherit those fp32 islands.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,59 +24,29 @@ from engine.errors import WuerstchenError
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_k: torch.Tensor,
                    text_v: torch.Tensor) -> torch.Tensor:
     """softmax(q kᵀ / √d) v for q (B, heads, Nq, d) over the image's keys and values k, v (B, heads, Nq, d)
-    followed by the text's (B, heads, 77, d), by PyTorch's fused kernels."""
+    followed by the text's (B, heads, 77, d), by PyTorch's flash or memory-efficient kernels."""
     return F.scaled_dot_product_attention(q, torch.cat([k, text_k], dim=2), torch.cat([v, text_v], dim=2))
 
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_k: torch.Tensor,
                        text_v: torch.Tensor) -> torch.Tensor:
     """The same attention as two matmuls around a softmax taken in fp32: the form exported to ONNX,
-    where a fused kernel's internal fp32 would otherwise be lost in fp16 graphs."""
+    where a one-op attention's internal fp32 would otherwise be lost in fp16 graphs."""
     k, v = torch.cat([k, text_k], dim=2), torch.cat([v, text_v], dim=2)
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
-ATTENTION = ("sdpa", "explicit", "triton")
+ATTENTION = {"sdpa": sdpa_attention, "explicit": explicit_attention}
 
 
 def attention_function(name: str) -> Callable[..., torch.Tensor]:
-    """An attention implementation by name: "sdpa" (PyTorch's fused kernels, the default), "explicit" (the
-    exported form) or "triton" (this project's kernel, `kernels.attention`)."""
-    if name == "sdpa":
-        return sdpa_attention
-    if name == "explicit":
-        return explicit_attention
-    if name == "triton":
-        try:
-            from kernels.attention import attention
-        except ImportError as error:
-            raise WuerstchenError(f"attention='triton' needs Triton ({error.name} is missing): pip install triton") \
-                from None
-        return attention
-    raise WuerstchenError(f"attention={name!r} is unknown: expected one of {', '.join(ATTENTION)}")
-
-
-def use_fused_kernels(module: nn.Module) -> None:
-    """Run every block inside `module` that has a fused Triton implementation (a `fused` attribute) with it.
-
-    Blocks whose fused forward reads folded copies of their weights (`fold_for_fused`) compute them now:
-    call this after the weights are loaded."""
-    for block in list(module.modules()):  # folding may add modules
-        if hasattr(block, "fused"):
-            block.fused = True
-        if hasattr(block, "fold_for_fused"):
-            block.fold_for_fused()
-
-
-def use_channels_last(module: nn.Module) -> None:
-    """Keep `module`'s convolution weights, and the activations of models that have the switch
-    (`channels_last`), in channels-last layout: the channel dim innermost, so that permuting to NHWC for
-    LayerNorms and Linears is a view, not a copy."""
-    module.to(memory_format=torch.channels_last)
-    for model in module.modules():
-        if hasattr(model, "channels_last"):
-            model.channels_last = True
+    """An attention implementation by name: "sdpa" (PyTorch's `scaled_dot_product_attention`, the default) or
+    "explicit" (the exported form). This project's Triton kernel is the fast path's, which wraps these
+    blocks in modules of its own."""
+    if name not in ATTENTION:
+        raise WuerstchenError(f"attention={name!r} is unknown: expected one of {', '.join(ATTENTION)}")
+    return ATTENTION[name]
 
 
 def use_attention(module: nn.Module, name: str) -> None:
@@ -120,33 +90,14 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
-def pixels(x: torch.Tensor) -> torch.Tensor:
-    """An NCHW tensor as (batch, pixels, channels): a view when it is channels-last, a copy otherwise."""
-    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
-
-
-def unpixels(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(batch, pixels, channels) back to an NCHW tensor of `like`'s size: channels-last, without a copy."""
-    batch, _, height, width = like.shape
-    return tokens.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
-
-
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of each pixel of an NCHW tensor, without affine parameters, in fp32.
-
-    `fused` (see `use_fused_kernels`) runs it as one Triton kernel on channels-last activations."""
-
-    fused = False
+    """LayerNorm over the channels of each pixel of an NCHW tensor, without affine parameters, in fp32."""
 
     def __init__(self, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            from kernels.norms import layer_norm_modulate
-
-            return unpixels(layer_norm_modulate(pixels(x), None, None, self.eps), x)
         return layer_norm(x.permute(0, 2, 3, 1), self.eps).permute(0, 3, 1, 2)
 
 
@@ -186,33 +137,11 @@ class TimestepBlock(nn.Module):
         return a, b
 
 
-class StackedFiLM(nn.Module):
-    """The FiLMs of many TimestepBlocks from one GEMM: their mappers stacked into one weight when the
-    fused path is set up (after loading), so that a step makes one launch where it made one per block.
-    Called with a step's r_embed, it yields each block's (a, b), in the order of `blocks`."""
-
-    def __init__(self, blocks: Sequence[TimestepBlock]):
-        super().__init__()
-        self.sizes = [block.mapper.out_features for block in blocks]
-        weight, bias = (torch.cat([getattr(block.mapper, name).detach() for block in blocks]) for name in
-                        ("weight", "bias"))
-        self.register_buffer("weight", weight, persistent=False)
-        self.register_buffer("bias", bias, persistent=False)
-
-    def forward(self, r_embed: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        films = F.linear(r_embed, self.weight, self.bias).split(self.sizes, dim=1)
-        return iter([tuple(film.chunk(2, dim=1)) for film in films])
-
-
 class ResBlock(nn.Module):
     """Depthwise conv → LayerNorm2d → [concat skip] → Linear ×4 → GELU → GRN → Linear, plus the input.
 
     With `c_skip = 0` this is the prior's ResBlock; with a skip it is the decoder's ResBlockStageB.
-    `fused` runs GELU and the GRN in Triton (`kernels.norms.global_response_norm`: two passes over the
-    activations), and lets `run_fused_chain` take over the residual add.
     """
-
-    fused = False
 
     def __init__(self, channels: int, c_skip: int = 0, kernel_size: int = 3):
         super().__init__()
@@ -223,22 +152,11 @@ class ResBlock(nn.Module):
         self.fc2 = nn.Linear(4 * channels, channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        if self.fused:
-            return x + unpixels(self.branch(x, skip), x)
         h = self.norm(self.depthwise(x))
         if skip is not None:
             h = torch.cat([h, skip], dim=1)
         h = self.fc2(self.grn(F.gelu(self.fc1(h.permute(0, 2, 3, 1)))))
         return x + h.permute(0, 3, 1, 2)
-
-    def branch(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
-        """The fused path's MLP branch, before the residual add, as (batch, pixels, channels) tokens."""
-        from kernels.norms import global_response_norm
-
-        h = self.norm(self.depthwise(x))
-        if skip is not None:
-            h = torch.cat([h, skip], dim=1)
-        return self.fc2(global_response_norm(self.fc1(pixels(h)), self.grn.gamma, self.grn.beta, gelu=True))
 
 
 class AttnBlock(nn.Module):
@@ -265,15 +183,6 @@ class AttnBlock(nn.Module):
         o = self.out(self._attend(self.norm(x).flatten(2).transpose(1, 2), text_kv))
         return x + o.transpose(1, 2).reshape(batch, channels, height, width)
 
-    def attend(self, residual: torch.Tensor, normed: torch.Tensor, text_kv: torch.Tensor) -> torch.Tensor:
-        """The fused path's block on (batch, pixels, channels) tokens: `normed` is LayerNorm(x) and
-        `residual` is x plus the output projection's bias. The projection accumulates into `residual`, in
-        place, in its GEMM's epilogue, and returns it."""
-        o = self._attend(normed, text_kv)
-        channels = o.shape[-1]
-        residual.view(-1, channels).addmm_(o.reshape(-1, channels), self.out.weight.t())
-        return residual
-
     def _attend(self, tokens: torch.Tensor, text_kv: torch.Tensor) -> torch.Tensor:
         """Attention over normed image tokens (B, N, C) and the text's keys and values, before the output
         projection."""
@@ -281,38 +190,3 @@ class AttnBlock(nn.Module):
         text_k, text_v = text_kv.chunk(2, dim=-1)
         heads = [t.unflatten(-1, (self.nhead, -1)).transpose(1, 2) for t in (q, k, v, text_k, text_v)]
         return self.attention(*heads).transpose(1, 2).flatten(2)
-
-
-def fusable_chains(blocks: Sequence[nn.Module]) -> list[tuple[nn.Module, ...]]:
-    """`blocks` grouped as the fused path runs them: a ResBlock followed by a TimestepBlock, and by the
-    AttnBlock after that if there is one, is one chain (`run_fused_chain`); any other block is alone."""
-    chains, i = [], 0
-    while i < len(blocks):
-        length = 1
-        if isinstance(blocks[i], ResBlock) and i + 1 < len(blocks) and isinstance(blocks[i + 1], TimestepBlock):
-            length = 3 if i + 2 < len(blocks) and isinstance(blocks[i + 2], AttnBlock) else 2
-        chains.append(tuple(blocks[i:i + length]))
-        i += length
-    return chains
-
-
-def run_fused_chain(
-    chain: tuple[nn.Module, ...], x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor],
-    skip: torch.Tensor | None = None, text_kv: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """ResBlock → TimestepBlock [→ AttnBlock] with the glue between them fused. The ResBlock's residual add,
-    the FiLM and the attention's LayerNorm are one pass over the activations (`kernels.norms.residual_norm`,
-    or `residual_film` without attention), and the attention's output projection adds its residual and
-    bias in its GEMM. Unfused (two adds, the FiLM's multiply and add, the LayerNorm), this glue reads or
-    writes the activations twelve times; here five: four in the kernel, one in the GEMM's epilogue.
-    `film` is the TimestepBlock's (a, b) for this step (`StackedFiLM`)."""
-    from kernels.norms import residual_film, residual_norm
-
-    res, _, *attn = chain
-    a, b = film
-    branch = res.branch(x, skip)
-    if not attn:
-        return unpixels(residual_film(pixels(x), branch, a, b), x)
-    block = attn[0]
-    residual, normed = residual_norm(pixels(x), branch, a, b, block.out.bias, None, None, block.norm.eps)
-    return unpixels(block.attend(residual, normed, text_kv), x)

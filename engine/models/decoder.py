@@ -10,32 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import DecoderConfig
-from engine.models.blocks import (
-    AttnBlock,
-    LayerNorm2d,
-    ResBlock,
-    StackedFiLM,
-    TimestepBlock,
-    fusable_chains,
-    layer_norm,
-    run_fused_chain,
-    timestep_embedding,
-)
+from engine.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, layer_norm, timestep_embedding
 
 
 class Decoder(nn.Module):
-    """A U-Net of `len(c_hidden)` levels. Call `condition` once per request, then `forward` once per step.
+    """A U-Net of `len(c_hidden)` levels. Call `condition` once per request, then `forward` once per step,
+    as the prior: `forward(x, r, condition(pyramid, text))`.
 
     Module names follow diffusers: `down_blocks[i]` and `up_blocks[i]` hold the level's blocks, with the
     down-sampler first and the up-sampler last; `effnet_mappers` has one entry per level on the way
     down and one per level on the way up (deepest first), `None` where the level takes no embedding.
-    With `channels_last` (see `use_channels_last`) the latents enter in channels-last layout; `fused` runs
-    each ResBlock with the TimestepBlock and AttnBlock after it as one chain (`run_fused_chain`), with
-    every TimestepBlock's FiLM from one GEMM (`StackedFiLM`).
     """
-
-    channels_last = False
-    fused = False
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -95,24 +80,24 @@ class Decoder(nn.Module):
             return TimestepBlock(channels, config.c_r)
         return AttnBlock(channels, config.c_cond, config.nhead[level])
 
-    def _chains(self, level: nn.ModuleList) -> list[tuple[nn.Module, ...]]:
-        return fusable_chains(level) if self.fused else [(block,) for block in level]
-
     def _blocks(self, kind: type) -> list[nn.Module]:
         """The blocks of one kind in the order `forward` runs them."""
         return [block for level in (*self.down_blocks, *self.up_blocks) for block in level if isinstance(block, kind)]
 
-    def fold_for_fused(self) -> None:
-        """Stack the TimestepBlocks' FiLM mappers for the fused forward (see `use_fused_kernels`)."""
-        self.films = StackedFiLM(self._blocks(TimestepBlock))
+    @property
+    def num_text_kv(self) -> int:
+        """How many attention blocks there are: the first `num_text_kv` tensors of the conditioning are
+        their text keys and values."""
+        per_level = zip(self.config.blocks, self.config.level_config, strict=True)
+        return 2 * sum(repeats * kinds.count("A") for repeats, kinds in per_level)  # once down, once up
 
-    def condition(
-        self, pyramid: tuple[torch.Tensor, ...], text: torch.Tensor
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """The step-invariant inputs of `forward`: per-attention-block text keys and values, and the image
-        embedding's mapped skips, both in the order `forward` uses them.
+    def condition(self, pyramid: tuple[torch.Tensor, ...], text: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The step-invariant input of `forward`, one flat tuple: the text keys and values (B, 77, 2·c_hidden[i])
+        of every attention block, then the image embedding's mapped skips (B, c_cond, h_i, w_i) of every level
+        that takes them, each in the order `forward` uses them (`num_text_kv` of the first kind).
 
-        `pyramid` is the image embedding resized to each injected level (`resize_image_embeddings`).
+        `pyramid` is the image embedding resized to each injected level (`resize_image_embeddings`); `text`
+        the CLIP-H states (B, 77, clip_embd).
         """
         clip = self.clip_mapper(text)
         clip = layer_norm(clip)
@@ -123,43 +108,40 @@ class Decoder(nn.Module):
             mapper(pyramid[injected.index(index if index < levels else 2 * levels - 1 - index)])
             for index, mapper in enumerate(self.effnet_mappers) if mapper is not None
         )
-        return text_kv, effnet
+        return (*text_kv, *effnet)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        r: torch.Tensor,
-        text_kv: tuple[torch.Tensor, ...],
-        effnet: tuple[torch.Tensor, ...],
-    ) -> torch.Tensor:
-        """Predicted noise for latents x (B, 4, H, W) at noise levels r (B,), given `condition`'s outputs."""
+    def forward(self, x: torch.Tensor, r: torch.Tensor, conditioning: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Predicted noise (B, 4, H, W), fp32, for latents x (B, 4, H, W) at noise levels r (B,), given
+        `condition`'s output."""
         inject = self.config.inject_effnet
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         r_embed = timestep_embedding(r, self.config.c_r)
-        films = self.films(r_embed) if self.fused else None
-        kv_iter, effnet_iter = iter(text_kv), iter(effnet)
+        kv_iter = iter(conditioning[:self.num_text_kv])
+        effnet_iter = iter(conditioning[self.num_text_kv:])
 
         x_in = x
         x = self.embedding(x)
         level_outputs = []
         for i, level in enumerate(self.down_blocks):
             skip = next(effnet_iter) if inject[i] else None
-            for chain in self._chains(level):
-                x = _run_chain(chain, x, r_embed, films, kv_iter, skip)
+            for block in level:
+                x = _run_block(block, x, r_embed, kv_iter, skip)
             level_outputs.insert(0, x)
 
         for i, level in enumerate(self.up_blocks):
             effnet_skip = next(effnet_iter) if inject[len(inject) - 1 - i] else None
-            for j, chain in enumerate(self._chains(level)):
+            for j, block in enumerate(level):
                 skip = effnet_skip
-                if j == 0 and i > 0:
+                if j == 0 and i > 0:  # the level's first ResBlock also takes the down path's output
                     parts = [level_outputs[i]] + ([effnet_skip] if effnet_skip is not None else [])
                     skip = torch.cat(parts, dim=1)
-                x = _run_chain(chain, x, r_embed, films, kv_iter, skip)
+                x = _run_block(block, x, r_embed, kv_iter, skip)
+        return self.predicted_noise(x_in, self.clf(x))
 
+    @staticmethod
+    def predicted_noise(x_in: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """The noise predicted for latents x_in (B, 4, H, W) from the output head's (B, 8, H, W)."""
         # The head divides by as little as 1e-3: it runs in fp32 and returns fp32 noise in every precision.
-        a, b = self.clf(x).float().chunk(2, dim=1)
+        a, b = head.float().chunk(2, dim=1)
         b = b.sigmoid() * (1 - 2e-3) + 1e-3
         return (x_in.float() - a) / b
 
@@ -185,21 +167,13 @@ def resize_image_embeddings(
     )
 
 
-def _run_chain(
-    chain: tuple[nn.Module, ...], x: torch.Tensor, r_embed: torch.Tensor,
-    films: Iterator[tuple[torch.Tensor, torch.Tensor]] | None, text_kv: Iterator[torch.Tensor],
-    skip: torch.Tensor | None,
-) -> torch.Tensor:
-    """One block, or a chain of them fused (`fusable_chains`); `skip` goes to the chain's ResBlock. On the
-    fused path, `films` yields each TimestepBlock's (a, b) in turn."""
-    if len(chain) > 1:
-        kv = next(text_kv) if isinstance(chain[-1], AttnBlock) else None
-        return run_fused_chain(chain, x, next(films), skip, kv)
-    block = chain[0]
+def _run_block(block: nn.Module, x: torch.Tensor, r_embed: torch.Tensor, text_kv: Iterator[torch.Tensor],
+               skip: torch.Tensor | None) -> torch.Tensor:
+    """One block of a level; `skip` goes to a ResBlock, `text_kv` yields each AttnBlock's keys and values."""
     if isinstance(block, ResBlock):
         return block(x, skip)
     if isinstance(block, TimestepBlock):
-        return block(x, r_embed) if films is None else block.modulate(x, *next(films))
+        return block(x, r_embed)
     if isinstance(block, AttnBlock):
         return block(x, next(text_kv))
     return block(x)  # a down- or up-sampler

@@ -6,15 +6,7 @@ import torch
 from torch import nn
 
 from engine.config import PriorConfig
-from engine.models.blocks import (
-    AttnBlock,
-    LayerNorm2d,
-    ResBlock,
-    StackedFiLM,
-    TimestepBlock,
-    run_fused_chain,
-    timestep_embedding,
-)
+from engine.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
 
 
 class PriorLayer(nn.Module):
@@ -31,13 +23,7 @@ class PriorLayer(nn.Module):
 
 
 class Prior(nn.Module):
-    """`WuerstchenPrior`. Call `condition` once per request, then `forward` once per step.
-
-    With `channels_last` (see `use_channels_last`) the latents enter in channels-last layout; `fused` runs
-    each layer as one chain (`run_fused_chain`), with every layer's FiLM from one GEMM (`StackedFiLM`)."""
-
-    channels_last = False
-    fused = False
+    """`WuerstchenPrior`. Call `condition` once per request, then `forward` once per step."""
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -49,28 +35,25 @@ class Prior(nn.Module):
         self.layers = nn.ModuleList(PriorLayer(config) for _ in range(config.depth))
         self.out = nn.Sequential(LayerNorm2d(), nn.Conv2d(config.c, 2 * config.c_in, kernel_size=1))
 
-    def fold_for_fused(self) -> None:
-        """Stack the layers' FiLM mappers for the fused forward (see `use_fused_kernels`)."""
-        self.films = StackedFiLM([layer.time for layer in self.layers])
-
     def condition(self, text: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Per-layer text keys and values (B, 77, 2c) from CLIP states (B, 77, c_cond)."""
+        """The step-invariant input of `forward`: per-layer text keys and values (B, 77, 2c) from CLIP states
+        (B, 77, c_cond)."""
         cond = self.cond_mapper(text)
         return tuple(layer.attn.text_kv(cond) for layer in self.layers)
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, text_kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Predicted noise for latents x (B, c_in, h, w) at noise levels r (B,)."""
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        """Predicted noise (B, c_in, h, w), fp32, for latents x (B, c_in, h, w) at noise levels r (B,), given
+        `condition`'s output."""
         x_in = x
         r_embed = timestep_embedding(r, self.config.c_r)
         x = self.projection(x)
-        if self.fused:
-            for layer, kv, film in zip(self.layers, text_kv, self.films(r_embed), strict=True):
-                x = run_fused_chain((layer.res, layer.time, layer.attn), x, film, text_kv=kv)
-        else:
-            for layer, kv in zip(self.layers, text_kv, strict=True):
-                x = layer(x, r_embed, kv)
+        for layer, kv in zip(self.layers, text_kv, strict=True):
+            x = layer(x, r_embed, kv)
+        return self.predicted_noise(x_in, self.out(x))
+
+    @staticmethod
+    def predicted_noise(x_in: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """The noise predicted for latents x_in (B, c_in, h, w) from the output head's (B, 2·c_in, h, w)."""
         # The head divides by as little as 1e-5: it runs in fp32 and returns fp32 noise in every precision.
-        a, b = self.out(x).float().chunk(2, dim=1)
+        a, b = head.float().chunk(2, dim=1)
         return (x_in.float() - a) / ((1 - b).abs() + 1e-5)

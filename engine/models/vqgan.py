@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import VQGANConfig
-from engine.models.blocks import layer_norm, pixels, unpixels
+from engine.models.blocks import layer_norm
 
 # Parameters of the encoder half and the codebook: present in checkpoints, never used to decode.
 ENCODER_PREFIXES = ("in_block.", "down_blocks.", "vquantizer.")
@@ -19,18 +19,7 @@ ENCODER_PREFIXES = ("in_block.", "down_blocks.", "vquantizer.")
 
 class MixingResidualBlock(nn.Module):
     """A depthwise 3×3 conv (replicate padding) and a channel MLP, each after a LayerNorm modulated by
-    the six learned scalars `gammas` and added to the input scaled by one of them.
-
-    `fused` runs the modulated LayerNorms in Triton (`kernels.norms`): the first writing the conv's
-    replicate padding too, the second in one pass with the residual add before it. The scales g₂ and g₅
-    of the two branches are folded into the depthwise conv and the second Linear (`fold_for_fused`),
-    whose GEMM then adds its residual in its epilogue. `gemm_gelu` also runs the first Linear and the
-    GELU as one Triton GEMM (`kernels.matmul.linear_gelu`); it is off until a GPU measurement shows it
-    beating cuBLAS plus a separate GELU (`python -m benchmarks.fusions`). Its first call at each shape
-    autotunes, which a CUDA-graph capture would not survive: warm up before capturing."""
-
-    fused = False
-    gemm_gelu = False
+    the six learned scalars `gammas` and added to the input scaled by one of them."""
 
     def __init__(self, channels: int, hidden: int):
         super().__init__()
@@ -40,51 +29,19 @@ class MixingResidualBlock(nn.Module):
         self.gammas = nn.Parameter(torch.zeros(6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            return self._fused_forward(x)
         g = self.gammas
         h = (layer_norm(x.permute(0, 2, 3, 1)) * (1 + g[0]) + g[1]).permute(0, 3, 1, 2)
         x = x + self.depthwise(F.pad(h, (1, 1, 1, 1), mode="replicate")) * g[2]
         h = layer_norm(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]
         return x + self.fc2(F.gelu(self.fc1(h))).permute(0, 3, 1, 2) * g[5]
 
-    @torch.no_grad()
-    def fold_for_fused(self) -> None:
-        """g₂ · depthwise and g₅ · fc2 as weights of their own, for the fused forward: the gammas are
-        constants once the weights are loaded. Buffers, so that they follow the module's device and dtype,
-        but not saved with its state."""
-        g = self.gammas
-        self.register_buffer("depthwise_weight", self.depthwise.weight * g[2], persistent=False)
-        self.register_buffer("depthwise_bias", self.depthwise.bias * g[2], persistent=False)
-        self.register_buffer("fc2_weight", self.fc2.weight * g[5], persistent=False)
-        self.register_buffer("fc2_bias", self.fc2.bias * g[5], persistent=False)
-
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from kernels.norms import layer_norm_modulate_pad, residual_norm
-
-        g = self.gammas
-        padded = layer_norm_modulate_pad(x.permute(0, 2, 3, 1), g[0], g[1], 1e-6).permute(0, 3, 1, 2)
-        branch = F.conv2d(padded, self.depthwise_weight, self.depthwise_bias, groups=self.depthwise.groups)
-        residual, h = residual_norm(pixels(x), pixels(branch), None, None, self.fc2_bias, g[3], g[4], 1e-6)
-        if self.gemm_gelu:
-            from kernels.matmul import linear_gelu
-
-            hidden = linear_gelu(h, self.fc1.weight, self.fc1.bias)
-        else:
-            hidden = F.gelu(self.fc1(h))
-        residual.view(-1, residual.shape[-1]).addmm_(hidden.view(-1, hidden.shape[-1]), self.fc2_weight.t())
-        return unpixels(residual, x)
-
 
 class VQGANDecoder(nn.Module):
     """Scales the latent by `scale_factor`, decodes it and clamps the image to [0, 1].
 
     Module names follow diffusers: `up_blocks` is the 1×1 input conv, the residual blocks and the
-    transposed-conv up-samplers in order; `out_block` is the output conv and pixel shuffle. With
-    `channels_last` (see `use_channels_last`) the latents enter in channels-last layout.
+    transposed-conv up-samplers in order; `out_block` is the output conv and pixel shuffle.
     """
-
-    channels_last = False
 
     def __init__(self, config: VQGANConfig):
         super().__init__()
@@ -105,7 +62,6 @@ class VQGANDecoder(nn.Module):
         )
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            latents = latents.contiguous(memory_format=torch.channels_last)
+        """Images (B, 3, 4H, 4W) in [0, 1] from latents (B, 4, H, W)."""
         images = self.out_block(self.up_blocks(self.config.scale_factor * latents))
         return images.clamp(0, 1)

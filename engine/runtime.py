@@ -1,0 +1,205 @@
+"""Resolve once: which weights, backend, device, precision and backend options a pipeline gets.
+
+The Python API's keyword arguments and the command line's flags (`generate`, `export`, `build`, `bench`)
+all become one `Runtime` through `resolve` before anything loads; loading and every later step read it and
+none decides again. The rules, in one place:
+- source: a preset (seeded random weights), the two published diffusers folders, or an exported bundle;
+- backend: `torch` for weights, `onnxruntime` for a bundle, unless asked; it must fit the source;
+- device: "auto" is the first GPU when there is one; ONNX Runtime derives it from its execution providers;
+  TensorRT needs a GPU;
+- precision: "auto" is fp16 on a GPU and fp32 on the CPU for the PyTorch backends, the bundle's own for
+  ONNX Runtime (which cannot convert it), and bf16 for TensorRT (its engines' default build).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from engine.backends import Backend, BackendOptions, backend_options
+from engine.config import WuerstchenConfig, preset
+from engine.device import resolve_device
+from engine.errors import WuerstchenError
+from engine.precision import Precision
+from kernels import interpreted
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: exactly one of a named preset (with the seed of its random weights),
+    the two published diffusers folders (warp-ai/wuerstchen-prior and warp-ai/wuerstchen layouts, with an
+    optional weight-file variant such as fp16), or an exported bundle (its hashes checked on load unless
+    `check_hashes` is off). Build one with `preset`, `folders`, `bundle` or `choose`."""
+
+    preset: str | None = None
+    seed: int = 0
+    prior: Path | None = None
+    decoder: Path | None = None
+    variant: str | None = None
+    bundle: Path | None = None
+    check_hashes: bool = True
+
+    @classmethod
+    def from_preset(cls, name: str, seed: int = 0) -> ModelSource:
+        preset(name)  # an unknown name is refused here, before anything else
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise WuerstchenError(f"seed={seed!r}: expected a non-negative integer")
+        return cls(preset=name, seed=seed)
+
+    @classmethod
+    def from_folders(cls, prior: str | Path, decoder: str | Path, variant: str | None = None) -> ModelSource:
+        return cls(prior=Path(prior), decoder=Path(decoder), variant=variant)
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, check_hashes: bool = True) -> ModelSource:
+        return cls(bundle=Path(bundle), check_hashes=check_hashes)
+
+    @classmethod
+    def choose(cls, *, preset: str | None = None, prior: str | None = None, decoder: str | None = None,
+               bundle: str | None = None, variant: str | None = None, default_preset: str = "tiny") -> ModelSource:
+        """The one source that the given fields name (the command line's --preset, --prior/--decoder,
+        --bundle), or `default_preset` when none is given."""
+        if (prior is None) != (decoder is None):
+            given, value, missing = ("prior", prior, "decoder") if prior is not None else ("decoder", decoder, "prior")
+            raise WuerstchenError(f"{given}={value!r} needs the {missing} folder too: pass both folders, or neither "
+                                  "for the demo model")
+        named = [name for name, value in (("preset", preset), ("prior", prior), ("bundle", bundle)) if value]
+        if len(named) > 1:
+            first = named[0]
+            value = {"preset": preset, "prior": prior, "bundle": bundle}[first]
+            others = " and ".join("prior/decoder folders" if n == "prior" else n for n in named[1:])
+            raise WuerstchenError(f"{first}={value!r} given with {others}: pass one model source")
+        if variant is not None and prior is None:
+            raise WuerstchenError(f"variant={variant!r} selects weight files of --prior/--decoder folders, and none "
+                                  "were given")
+        if bundle is not None:
+            return cls.from_bundle(bundle)
+        if prior is not None:
+            return cls.from_folders(prior, decoder, variant)
+        return cls.from_preset(preset or default_preset)
+
+    @property
+    def kind(self) -> str:
+        return "bundle" if self.bundle else "folders" if self.prior else "preset"
+
+    @property
+    def default_backend(self) -> Backend:
+        return Backend.ONNXRUNTIME if self.bundle else Backend.TORCH
+
+    def describe(self) -> str:
+        if self.bundle:
+            return f"bundle {self.bundle}"
+        if self.prior:
+            return f"{self.prior} + {self.decoder}"
+        demo = " demo" if self.preset == "tiny" else ""
+        return f"{self.preset}{demo} (random weights, seed {self.seed})"
+
+    def read_config(self) -> WuerstchenConfig:
+        """The model's config, read without loading any weights; a bundle's narrows the sizes to its range."""
+        if self.bundle:
+            from engine.bundle import open_bundle
+
+            return open_bundle(self.bundle, check_hashes=False).config
+        if self.prior:
+            from engine.weights import read_config
+
+            return read_config(self.prior, self.decoder)
+        return preset(self.preset)
+
+    def bundle_precision(self) -> Precision:
+        """The precision a bundle's graphs were exported in, from its manifest (hashes are checked on load)."""
+        from engine.bundle import open_bundle
+
+        return open_bundle(self.bundle, check_hashes=False).precision
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What runs: the resolved source, backend, device, precision and backend options. Load it with
+    `WuerstchenPipeline.load(runtime)`."""
+
+    source: ModelSource
+    backend: Backend
+    device: torch.device
+    precision: Precision
+    options: BackendOptions
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.precision.torch_dtype
+
+    def describe(self) -> str:
+        return f"{self.source.describe()} on {self.backend.value}, {self.device}, {self.precision.value}"
+
+
+def resolve(
+    source: ModelSource,
+    backend: str | Backend | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | Precision | None = None,
+    options: BackendOptions | None = None,
+) -> Runtime:
+    """The one decision of what runs (see the module's docstring for the rules). `device` and `dtype` take
+    "auto" or None for the default; every refusal is one line naming the field."""
+    backend = source.default_backend if backend is None else Backend.parse(backend)
+    if backend.runs_bundles and not source.bundle:
+        raise WuerstchenError(f"backend={backend.value!r} runs a bundle: make one with `wuerstchen export`")
+    if source.bundle and not backend.runs_bundles:
+        raise WuerstchenError(f"backend={backend.value!r} cannot run a bundle: expected onnxruntime or tensorrt "
+                              "(the torch backends load a preset or diffusers folders)")
+    options = backend_options(backend, options)
+    requested = _requested(dtype)
+
+    if backend is Backend.ONNXRUNTIME:
+        from engine.backends.onnxruntime import resolve_providers
+
+        providers, device = resolve_providers(device, options.providers)
+        options = replace(options, providers=providers)
+        precision = _as_exported(source.bundle_precision(), requested, "ONNX Runtime")
+        if precision is Precision.BF16:
+            raise WuerstchenError(f"bundle={str(source.bundle)!r} holds bf16 graphs, which ONNX Runtime's Python API "
+                                  "cannot bind: export with dtype fp32 or fp16, or run it with TensorRT")
+    elif backend is Backend.TENSORRT:
+        from engine.engine_cache import tensorrt_module
+
+        tensorrt_module()  # says what to install before anything else
+        device = resolve_device(device)
+        if device.type != "cuda":
+            raise WuerstchenError("backend='tensorrt' needs a CUDA GPU, and none is available here")
+        precision = tensorrt_precision(dtype, source.bundle_precision())
+    else:
+        device = resolve_device(device)
+        precision = requested or (Precision.FP16 if device.type == "cuda" else Precision.FP32)
+        if backend.fast and device.type != "cuda" and not interpreted():
+            raise WuerstchenError(f"backend={backend.value!r} runs Triton kernels on a CUDA GPU (on a CPU only in "
+                                  "Triton's interpreter, TRITON_INTERPRET=1, for tests): use backend='torch'")
+    return Runtime(source, backend, device, precision, options)
+
+
+def tensorrt_precision(dtype: str | torch.dtype | Precision | None, exported: Precision) -> Precision:
+    """The precision of TensorRT engines for a bundle exported in `exported`: "auto" or None is bf16, and a
+    bundle that is not fp32 builds only in its own precision (the precision pass converts fp32 graphs)."""
+    requested = _requested(dtype)
+    if exported is not Precision.FP32:
+        return _as_exported(exported, requested, "TensorRT (it converts only fp32 bundles)")
+    return requested or Precision.BF16
+
+
+def _requested(dtype: str | torch.dtype | Precision | None) -> Precision | None:
+    """The precision asked for, or None for "auto"."""
+    if dtype is None or (isinstance(dtype, str) and dtype.lower() == "auto"):
+        return None
+    try:
+        return Precision.parse(dtype)
+    except WuerstchenError:
+        shown = str(dtype) if isinstance(dtype, torch.dtype) else repr(dtype)
+        raise WuerstchenError(f"dtype={shown} is not supported: expected auto, {Precision.describe()}") from None
+
+
+def _as_exported(exported: Precision, requested: Precision | None, runner: str) -> Precision:
+    if requested is not None and requested is not exported:
+        raise WuerstchenError(f"dtype={requested.value!r}: {runner} runs this bundle in the precision it was "
+                              f"exported in, {exported.value}; export another bundle for {requested.value}")
+    return exported
