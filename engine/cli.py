@@ -22,9 +22,9 @@ from engine.errors import WuerstchenError
 COMMANDS_GROUP = "wuerstchen.commands"
 DEMO_NOTICE = (
     "no --prior/--decoder given: running the built-in tiny demo model, whose weights are random, so the "
-    "image is noise. For real images, download warp-ai/wuerstchen-prior and warp-ai/wuerstchen on a machine "
-    "with internet (e.g. `hf download warp-ai/wuerstchen-prior --local-dir wuerstchen-prior`) and pass "
-    "--prior wuerstchen-prior --decoder wuerstchen."
+    "image is noise. For real images, pass --decoder warp-ai/wuerstchen (read from the Hugging Face cache, "
+    "downloaded there when the Hub is reachable), or folders downloaded with `hf download` "
+    "(--prior wuerstchen-prior --decoder wuerstchen)."
 )
 EMBEDDINGS_FORMAT = "wuerstchen-image-embeddings"
 
@@ -58,8 +58,9 @@ def model_flags(parser: argparse.ArgumentParser, *, default_preset: str, bundles
     with --variant, --bundle), --backend (`backends`: "one", "many" or "none"), --device and --dtype."""
     parser.add_argument("--preset", help=f"random weights of an architecture: tiny or wuerstchen-v2 (default, "
                                          f"without folders: {default_preset})")
-    parser.add_argument("--prior", metavar="DIR", help="folder with warp-ai/wuerstchen-prior")
-    parser.add_argument("--decoder", metavar="DIR", help="folder with warp-ai/wuerstchen")
+    parser.add_argument("--prior", metavar="DIR", help="warp-ai/wuerstchen-prior: a folder or a Hub repo id")
+    parser.add_argument("--decoder", metavar="DIR", help="warp-ai/wuerstchen: a folder or a Hub repo id; alone, "
+                                                         "diffusers' combined repo, whose model card names the prior")
     parser.add_argument("--variant", metavar="NAME", help="weight file variant to read, e.g. fp16")
     if bundles:
         parser.add_argument("--bundle", metavar="DIR", help="an exported bundle (wuerstchen export) to run instead")

@@ -275,7 +275,7 @@ class WuerstchenPipeline:
     def from_pretrained(
         cls,
         prior: str | Path,
-        decoder: str | Path,
+        decoder: str | Path | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         variant: str | None = None,
@@ -283,11 +283,15 @@ class WuerstchenPipeline:
         options: BackendOptions | None = None,
     ) -> WuerstchenPipeline:
         """Load the two published diffusers folders: `prior` as warp-ai/wuerstchen-prior, `decoder` as
-        warp-ai/wuerstchen. `device` defaults to the GPU when there is one, `dtype` to fp16 on a GPU and
+        warp-ai/wuerstchen, each a path or a Hub repo id (the local cache first, a download only when online;
+        `HF_HUB_OFFLINE=1` keeps to the cache). One argument alone is diffusers' combined repo, as
+        `WuerstchenCombinedPipeline.from_pretrained("warp-ai/wuerstchen")` takes it: the decoder, whose model
+        card names the prior. `device` defaults to the GPU when there is one, `dtype` to fp16 on a GPU and
         fp32 on the CPU; `variant="fp16"` reads the `*.fp16.*` weight files. `backend` is "torch" (eager),
         "torch-fast" (Triton kernels, CUDA-graph steps) or "torch-compile" (also torch.compile); `options`
         is `engine.backends.FastOptions` for the last two."""
-        source = ModelSource.from_folders(prior, decoder, variant)
+        source = ModelSource.from_folders(prior, decoder, variant) if decoder is not None else \
+            ModelSource.from_folders(None, prior, variant)
         return cls.load(resolve(source, backend, device, dtype, options))
 
     @classmethod

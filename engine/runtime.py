@@ -22,6 +22,7 @@ from engine.backends import Backend, BackendOptions, backend_options
 from engine.config import WuerstchenConfig, preset
 from engine.device import resolve_device
 from engine.errors import WuerstchenError
+from engine.hub import connected_prior, local_folder
 from engine.precision import Precision
 from kernels import interpreted
 
@@ -29,9 +30,10 @@ from kernels import interpreted
 @dataclass(frozen=True)
 class ModelSource:
     """Where the weights come from: exactly one of a named preset (with the seed of its random weights),
-    the two published diffusers folders (warp-ai/wuerstchen-prior and warp-ai/wuerstchen layouts, with an
-    optional weight-file variant such as fp16), or an exported bundle (its hashes checked on load unless
-    `check_hashes` is off). Build one with `preset`, `folders`, `bundle` or `choose`."""
+    the two published diffusers folders (warp-ai/wuerstchen-prior and warp-ai/wuerstchen layouts, local or
+    from the Hub's cache, with an optional weight-file variant such as fp16), or an exported bundle (its
+    hashes checked on load unless `check_hashes` is off). Build one with `from_preset`, `from_folders`,
+    `from_bundle` or `choose`."""
 
     preset: str | None = None
     seed: int = 0
@@ -40,6 +42,14 @@ class ModelSource:
     variant: str | None = None
     bundle: Path | None = None
     check_hashes: bool = True
+    names: tuple[str, str] | None = None  # the folders or repo ids as they were given, for `describe`
+
+    def __post_init__(self):
+        for name in ("prior", "decoder", "bundle"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.names is not None:
+            object.__setattr__(self, "names", tuple(self.names))
 
     @classmethod
     def from_preset(cls, name: str, seed: int = 0) -> ModelSource:
@@ -49,8 +59,19 @@ class ModelSource:
         return cls(preset=name, seed=seed)
 
     @classmethod
-    def from_folders(cls, prior: str | Path, decoder: str | Path, variant: str | None = None) -> ModelSource:
-        return cls(prior=Path(prior), decoder=Path(decoder), variant=variant)
+    def from_folders(cls, prior: str | Path | None, decoder: str | Path,
+                     variant: str | None = None) -> ModelSource:
+        """The two folders, each a path or a Hub repo id (`warp-ai/wuerstchen-prior`: the local cache first, a
+        download only when online). Without `prior`, `decoder` is diffusers' combined repo, whose model card
+        names the prior repo (as `warp-ai/wuerstchen`'s does)."""
+        decoder_root = local_folder(decoder, "decoder")
+        if prior is None:
+            prior = connected_prior(decoder_root)
+            if prior is None:
+                raise WuerstchenError(f"decoder={str(decoder)!r} names no prior: pass the prior folder too, or a "
+                                      "combined repo whose model card names its prior (as warp-ai/wuerstchen does)")
+        return cls(prior=local_folder(prior, "prior"), decoder=decoder_root, variant=variant,
+                   names=(str(prior), str(decoder)))
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, check_hashes: bool = True) -> ModelSource:
@@ -60,23 +81,24 @@ class ModelSource:
     def choose(cls, *, preset: str | None = None, prior: str | None = None, decoder: str | None = None,
                bundle: str | None = None, variant: str | None = None, default_preset: str = "tiny") -> ModelSource:
         """The one source that the given fields name (the command line's --preset, --prior/--decoder,
-        --bundle), or `default_preset` when none is given."""
-        if (prior is None) != (decoder is None):
-            given, value, missing = ("prior", prior, "decoder") if prior is not None else ("decoder", decoder, "prior")
-            raise WuerstchenError(f"{given}={value!r} needs the {missing} folder too: pass both folders, or neither "
-                                  "for the demo model")
-        named = [name for name, value in (("preset", preset), ("prior", prior), ("bundle", bundle)) if value]
+        --bundle), or `default_preset` when none is given. A decoder alone is diffusers' combined repo."""
+        if prior is not None and decoder is None:
+            raise WuerstchenError(f"prior={prior!r} needs the decoder folder too: pass both folders, or neither for "
+                                  "the demo model")
+        named = [name for name, value in (("preset", preset), ("prior", prior or decoder), ("bundle", bundle))
+                 if value]
         if len(named) > 1:
             first = named[0]
-            value = {"preset": preset, "prior": prior, "bundle": bundle}[first]
+            value = {"preset": preset, "prior": prior or decoder, "bundle": bundle}[first]
+            field = "decoder" if first == "prior" and prior is None else first
             others = " and ".join("prior/decoder folders" if n == "prior" else n for n in named[1:])
-            raise WuerstchenError(f"{first}={value!r} given with {others}: pass one model source")
-        if variant is not None and prior is None:
+            raise WuerstchenError(f"{field}={value!r} given with {others}: pass one model source")
+        if variant is not None and decoder is None:
             raise WuerstchenError(f"variant={variant!r} selects weight files of --prior/--decoder folders, and none "
                                   "were given")
         if bundle is not None:
             return cls.from_bundle(bundle)
-        if prior is not None:
+        if decoder is not None:
             return cls.from_folders(prior, decoder, variant)
         return cls.from_preset(preset or default_preset)
 
@@ -92,7 +114,8 @@ class ModelSource:
         if self.bundle:
             return f"bundle {self.bundle}"
         if self.prior:
-            return f"{self.prior} + {self.decoder}"
+            prior, decoder = self.names or (self.prior, self.decoder)
+            return f"{prior} + {decoder}"
         demo = " demo" if self.preset == "tiny" else ""
         return f"{self.preset}{demo} (random weights, seed {self.seed})"
 

@@ -101,7 +101,8 @@ def test_a_bundle_runs_in_onnxruntime_in_the_precision_it_was_exported_in(tiny_b
 
 @pytest.mark.parametrize("fields, message", [
     (dict(prior="p"), "prior='p' needs the decoder folder too: pass both folders, or neither for the demo model"),
-    (dict(decoder="d"), "decoder='d' needs the prior folder too"),
+    (dict(decoder="d"), "decoder='d' names no prior: pass the prior folder too, or a combined repo whose model "
+                        "card names its prior"),
     (dict(preset="tiny", prior="p", decoder="d"), "preset='tiny' given with prior/decoder folders: pass one model "
                                                   "source"),
     (dict(prior="p", decoder="d", bundle="b"), "prior='p' given with bundle: pass one model source"),
