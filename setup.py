@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         # diffusers is the numerical oracle of the tests, never a runtime dependency.
-        "test": ["pytest>=8", "diffusers==0.42.1", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18",
+        "test": ["pytest>=8", "hypothesis>=6", "diffusers==0.42.1", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18",
                  "polygraphy>=0.49", "onnx-graphsurgeon>=0.6", "triton>=3.2", "matplotlib>=3.7"],
         "bench": ["diffusers==0.42.1", "matplotlib>=3.7"],
         "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18", "polygraphy>=0.49", "onnx-graphsurgeon>=0.6"],

@@ -321,7 +321,50 @@ def add_parser(commands) -> None:
     bench.add_argument("--json", metavar="FILE", help="write every record, with provenance, as JSON")
     bench.add_argument("--csv", metavar="FILE", help="append one row per record")
     bench.add_argument("--plot", metavar="FILE.png", help="plot per-stage latency and throughput (matplotlib)")
+    load = bench.add_argument_group("load (--load): the scheduler under many requests, against one at a time")
+    load.add_argument("--load", action="store_true", help="measure throughput and latency under load instead")
+    load.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N",
+                      help="closed-loop clients to sweep (default 1 2 4 8)")
+    load.add_argument("--requests", type=int, default=16, metavar="N", help="requests per measurement (default 16)")
+    load.add_argument("--rate", type=float, metavar="REQ/S",
+                      help="Poisson arrival rate (default: 80%% of the saturation the sweep measured)")
+    load.add_argument("--mix", metavar="FILE.json", help="a list of workloads (height, width, prior_steps, "
+                                                         "decoder_steps, prior_guidance, decoder_guidance, images, "
+                                                         "weight); default: the recipe at every --sizes entry")
     bench.set_defaults(run=command)
+
+
+def load_command(args, options: Options) -> int:
+    """`wuerstchen bench --load`: the scheduler under load against one request at a time (`benchmarks.load`)."""
+    from benchmarks import load
+    from engine.files import write_atomically
+
+    if len(options.runtimes) > 1 or options.baselines:
+        raise WuerstchenError("--load measures one backend and no baseline: the sequential run is its baseline")
+    for name in ("requests", *(["rate"] if args.rate is not None else [])):
+        if not getattr(args, name) > 0:
+            raise WuerstchenError(f"--{name} {getattr(args, name)}: expected a positive number")
+    if any(c < 1 for c in args.concurrency):
+        raise WuerstchenError(f"--concurrency {' '.join(map(str, args.concurrency))}: expected positive integers")
+    runtime = options.runtimes[0]
+    mix = load.read_mix(args.mix) if args.mix else load.default_mix(list(options.sizes), options.recipe)
+    config = runtime.source.read_config()
+    for i, workload in enumerate(mix):
+        try:
+            check_image_size(config, workload.height, workload.width)
+        except WuerstchenError as error:
+            raise WuerstchenError(f"--mix entry {i}: {error}") from None
+    pipe = build_engine(runtime)
+    origin = provenance(runtime.device)
+    rows = load.run(pipe, mix, list(args.concurrency), args.requests, args.rate,
+                    progress=lambda line: print(line, file=sys.stderr))
+    pipe.close()
+    header = (f"{origin['device']} · torch {origin['versions']['torch']} · {origin['date']} · "
+              f"{runtime.describe()}\nmix: {load.describe_mix(mix)}")
+    print(load.table(rows, header))
+    if args.json:
+        write_atomically(args.json, (json.dumps(load.record(rows, mix, origin, runtime), indent=1) + "\n").encode())
+    return 0
 
 
 def command(args) -> int:
@@ -329,6 +372,8 @@ def command(args) -> int:
     from benchmarks.report import append_csv, plot, table, write_json
 
     options = options_from_args(args)
+    if args.load:
+        return load_command(args, options)
     records = run(options, progress=lambda line: print(line, file=sys.stderr))
     print(table(records))
     if args.json:

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.denoise import EagerLoop
-
 STAGES = ("prior_text", "prior_condition", "prior_step", "decoder_text", "decoder_condition", "decoder_step",
           "vqgan_decode")
 
@@ -79,34 +77,52 @@ class _TimedStage:
         return getattr(self._stage, name)
 
 
-class _TimedLoop:
-    """A loop of replayed CUDA graphs, timed whole and shared evenly among its steps: a replay makes no
-    Python call per step to time."""
+class _TimedGraphs:
+    """A cache of captured steps whose replays run under a timer, as "<stage>_step": a replay makes no call
+    of the model to time."""
 
-    def __init__(self, loop, timer: StageTimer):
-        self._loop, self._timer = loop, timer
+    def __init__(self, graphs, timer: StageTimer):
+        self._graphs, self._timer = graphs, timer
 
-    def denoise(self, stage, model, conditioning, schedule, *args, **kwargs):
-        with self._timer.timed(f"{stage}_step", calls=schedule.num_steps):
-            return self._loop.denoise(stage, model, conditioning, schedule, *args, **kwargs)
+    def get(self, key: tuple, build):
+        return _TimedGraph(self._graphs.get(key, build), self._timer, f"{key[0]}_step")
+
+    def memory_pool(self, device):
+        return self._graphs.memory_pool(device)
+
+
+class _TimedGraph:
+    def __init__(self, graph, timer: StageTimer, name: str):
+        self._graph, self._timer, self._name = graph, timer, name
+
+    def load_conditioning(self, *args) -> None:
+        self._graph.load_conditioning(*args)
+
+    def replay(self, *inputs):
+        with self._timer.timed(self._name):
+            return self._graph.replay(*inputs)
 
 
 @contextlib.contextmanager
 def instrument_engine(pipe, timer: StageTimer) -> Iterator[object]:
     """This engine's pipeline (any backend) with every stage timed: the same pipeline over timed stage
-    objects (`WuerstchenPipeline.with_stages`), the original left as it was. Eager loops time each step's
-    model call; captured loops are timed whole."""
+    objects (`WuerstchenPipeline.with_stages`), the original left as it was. Eager steps time the model's
+    call; captured steps their replay."""
     stages = pipe.stages
-    eager = isinstance(stages.loop, EagerLoop)
-    yield pipe.with_stages(dataclasses.replace(
+    captured = stages.graphs is not None
+    timed = pipe.with_stages(dataclasses.replace(
         stages,
         prior_text=_TimedStage(stages.prior_text, timer, "prior_text"),
-        prior=_TimedStage(stages.prior, timer, "prior_step" if eager else None, "prior_condition"),
+        prior=_TimedStage(stages.prior, timer, None if captured else "prior_step", "prior_condition"),
         decoder_text=_TimedStage(stages.decoder_text, timer, "decoder_text"),
-        decoder=_TimedStage(stages.decoder, timer, "decoder_step" if eager else None, "decoder_condition"),
+        decoder=_TimedStage(stages.decoder, timer, None if captured else "decoder_step", "decoder_condition"),
         vqgan=_TimedStage(stages.vqgan, timer, "vqgan_decode"),
-        loop=stages.loop if eager else _TimedLoop(stages.loop, timer),
+        graphs=_TimedGraphs(stages.graphs, timer) if captured else None,
     ))
+    try:
+        yield timed
+    finally:
+        timed.close()
 
 
 @contextlib.contextmanager

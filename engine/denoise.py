@@ -1,20 +1,21 @@
-"""The denoising loop, run eagerly or as one replayed CUDA graph per step.
+"""One denoising step of a batch, run eagerly or replayed as a CUDA graph.
 
 A step is everything between two noise levels: the model on [x, x] against [text, negative text] when
-guidance is on (on x otherwise), ATen's lerp of the two predictions, and the sampler's update. Eagerly
-that is some 1,200 (prior) to 1,700 (decoder) kernel launches, and the GPU idles while the CPU issues
-them. Captured in a CUDA graph it is one launch.
+guidance is on (on x otherwise), ATen's lerp of the two predictions, and the sampler's update. Every row
+carries its own noise level, sampler coefficients and guidance weight, so that requests at different steps
+of different schedules share one batch (see `engine.scheduler`). Eagerly a step is some 1,200 (prior) to
+1,700 (decoder) kernel launches, and the GPU idles while the CPU issues them; captured in a CUDA graph it is
+one launch.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Callable
 
 import torch
 
-from engine.schedule import DenoisingSchedule, sampler_step
+from engine.schedule import sampler_step
 
 # (x, r, conditioning) → predicted noise; conditioning is the stage's once-per-request tensors.
 Model = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
@@ -22,48 +23,18 @@ Model = Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.T
 
 def guided_step(
     model: Model, conditioning: tuple[torch.Tensor, ...], x: torch.Tensor, r: torch.Tensor,
-    coefficients: torch.Tensor, noise: torch.Tensor, guidance_scale: float,
+    coefficients: torch.Tensor, noise: torch.Tensor, guidance: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One step: x at the next noise level. Guidance is on when the scale exceeds 1."""
-    if guidance_scale > 1:
-        eps_text, eps_uncond = model(torch.cat([x, x]), torch.cat([r, r]), conditioning).chunk(2)
-        eps = torch.lerp(eps_uncond, eps_text, guidance_scale)
-    else:
+    """x (B, C, H, W) at the next noise level. `r` (B,) are the rows' noise levels, `coefficients` (B, 4) their
+    sampler coefficients (`engine.schedule.DenoisingSchedule`), `noise` their draws for this step. With
+    `guidance`, (B,) float32 scales, the model runs on [x, x] against the conditioning's [text, negative]
+    halves and each row's noise is lerp(negative, text, its scale)."""
+    if guidance is None:
         eps = model(x, r, conditioning)
+    else:
+        eps_text, eps_uncond = model(torch.cat([x, x]), torch.cat([r, r]), conditioning).chunk(2)
+        eps = torch.lerp(eps_uncond, eps_text, guidance.view(-1, *[1] * (x.dim() - 1)))
     return sampler_step(coefficients, x, eps, noise)
-
-
-def denoise(
-    model: Model, conditioning: tuple[torch.Tensor, ...], schedule: DenoisingSchedule, initial: torch.Tensor,
-    noise: Sequence[torch.Tensor], guidance_scale: float, progress=None,
-) -> torch.Tensor:
-    """The loop, eagerly: one `guided_step` per step of the schedule."""
-    x = initial
-    for i in range(schedule.num_steps):
-        x = guided_step(model, conditioning, x, schedule.ratios[i].expand(x.shape[0]), schedule.coefficients[i],
-                        noise[i], guidance_scale)
-        if progress is not None:
-            progress.update()
-    return x
-
-
-class Loop(Protocol):
-    """How a stage's denoising loop runs: `EagerLoop`, or `StepGraphs` on the fast backends."""
-
-    def denoise(
-        self, stage: str, model: Model, conditioning: tuple[torch.Tensor, ...], schedule: DenoisingSchedule,
-        initial: torch.Tensor, noise: Sequence[torch.Tensor], guidance_scale: float, progress=None,
-    ) -> torch.Tensor: ...
-
-
-class EagerLoop:
-    """The loop as plain calls (`denoise`); what every backend but the fast ones runs."""
-
-    def denoise(
-        self, stage: str, model: Model, conditioning: tuple[torch.Tensor, ...], schedule: DenoisingSchedule,
-        initial: torch.Tensor, noise: Sequence[torch.Tensor], guidance_scale: float, progress=None,
-    ) -> torch.Tensor:
-        return denoise(model, conditioning, schedule, initial, noise, guidance_scale, progress)
 
 
 class StepGraph:
@@ -76,14 +47,16 @@ class StepGraph:
 
     WARMUP = 2  # eager runs before capture: lazy initialisation (cuBLAS handles, kernel caches) must not be captured
 
-    def __init__(self, step: Callable[..., torch.Tensor], conditioning: tuple[torch.Tensor, ...], x: torch.Tensor,
-                 r: torch.Tensor, coefficients: torch.Tensor, noise: torch.Tensor, pool=None):
+    def __init__(self, step: Callable[..., torch.Tensor], conditioning: tuple[torch.Tensor, ...],
+                 inputs: tuple[torch.Tensor, ...], pool=None):
         self.step = step
         self.conditioning = tuple(c.clone() for c in conditioning)
-        self.inputs = (x.clone(), r.clone(), coefficients.clone(), noise.clone())
+        self.inputs = tuple(t.clone() for t in inputs)
+        self.members: object = None  # whose conditioning the static buffers hold (see `load_conditioning`)
         self.graph = None
-        if x.device.type == "cuda":
-            with torch.cuda.device(x.device):
+        device = self.inputs[0].device
+        if device.type == "cuda":
+            with torch.cuda.device(device):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
@@ -94,15 +67,18 @@ class StepGraph:
                 with torch.cuda.graph(self.graph, pool=pool):
                     self.output = self.step(self.conditioning, *self.inputs)
 
-    def load_conditioning(self, conditioning: tuple[torch.Tensor, ...]) -> None:
-        """Copy a request's conditioning into the static buffers (once per request, not per step)."""
+    def load_conditioning(self, conditioning: tuple[torch.Tensor, ...], members: object) -> None:
+        """Copy the batch's conditioning into the static buffers, unless they hold `members`' already: the
+        conditioning changes only when the batch's requests do, not at every step."""
+        if members is not None and members == self.members:
+            return
         for static, tensor in zip(self.conditioning, conditioning, strict=True):
             static.copy_(tensor)
+        self.members = members
 
-    def replay(self, x: torch.Tensor, r: torch.Tensor, coefficients: torch.Tensor,
-               noise: torch.Tensor) -> torch.Tensor:
-        """The next x. On a GPU it lives in the graph's output buffer until the next replay."""
-        for static, tensor in zip(self.inputs, (x, r, coefficients, noise), strict=True):
+    def replay(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The step's output. On a GPU it lives in the graph's output buffer until the next replay."""
+        for static, tensor in zip(self.inputs, inputs, strict=True):
             static.copy_(tensor)
         if self.graph is None:
             return self.step(self.conditioning, *self.inputs)
@@ -111,9 +87,9 @@ class StepGraph:
 
 
 class StepGraphs:
-    """Captured steps by key (stage, guidance scale, shapes and dtypes of the latents and the conditioning,
-    device), at most `capacity` of them: the least recently used is dropped when a new key needs room.
-    All graphs share one memory pool."""
+    """Captured steps by key (stage, latent shape, batch size, guidance on or off, dtypes and shapes of the
+    conditioning, device), at most `capacity` of them: the least recently used is dropped when a new key needs
+    room. All graphs share one memory pool."""
 
     def __init__(self, capacity: int = 8):
         if capacity < 1:
@@ -127,8 +103,8 @@ class StepGraphs:
         return list(self._graphs)
 
     @staticmethod
-    def key(stage: str, guidance_scale: float, x: torch.Tensor, conditioning: tuple[torch.Tensor, ...]) -> tuple:
-        return (stage, guidance_scale, tuple(x.shape), x.dtype, x.device,
+    def key(stage: str, guided: bool, x: torch.Tensor, conditioning: tuple[torch.Tensor, ...]) -> tuple:
+        return (stage, guided, tuple(x.shape), x.dtype, x.device,
                 tuple((tuple(c.shape), c.dtype) for c in conditioning))
 
     def get(self, key: tuple, build: Callable[[], StepGraph]) -> StepGraph:
@@ -141,27 +117,8 @@ class StepGraphs:
         self._graphs[key] = graph = build()
         return graph
 
-    def _memory_pool(self, device: torch.device):
+    def memory_pool(self, device: torch.device):
+        """The pool every graph of this cache captures into (None on a CPU)."""
         if self._pool is None and device.type == "cuda":
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
-
-    def denoise(
-        self, stage: str, model: Model, conditioning: tuple[torch.Tensor, ...], schedule: DenoisingSchedule,
-        initial: torch.Tensor, noise: Sequence[torch.Tensor], guidance_scale: float, progress=None,
-    ) -> torch.Tensor:
-        """The loop of `denoise`, one graph replay per step; the same numbers as the eager loop."""
-        def step(conditioning, x, r, coefficients, step_noise):
-            return guided_step(model, conditioning, x, r, coefficients, step_noise, guidance_scale)
-
-        batch = initial.shape[0]
-        first = (initial, schedule.ratios[0].expand(batch), schedule.coefficients[0], noise[0])
-        graph = self.get(self.key(stage, guidance_scale, initial, conditioning),
-                         lambda: StepGraph(step, conditioning, *first, pool=self._memory_pool(initial.device)))
-        graph.load_conditioning(conditioning)
-        x = initial
-        for i in range(schedule.num_steps):
-            x = graph.replay(x, schedule.ratios[i].expand(batch), schedule.coefficients[i], noise[i])
-            if progress is not None:
-                progress.update()
-        return x.clone()  # the graph's output buffer is reused by the next request

@@ -9,9 +9,9 @@ the `Stages` that a backend loaded, and never knows which backend that was.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import math
-import time
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +25,14 @@ from engine import backends
 from engine.backends import Backend, BackendOptions
 from engine.config import WuerstchenConfig
 from engine.errors import WuerstchenError
-from engine.models.decoder import resize_image_embeddings
 from engine.precision import Precision
+from engine.requests import Denoising, RequestFuture, RequestState
+from engine.runner import Runner
 from engine.runtime import ModelSource, Runtime, resolve
 from engine.schedule import Generator, draw_denoising_noise, make_schedule, timestep_grid
+from engine.scheduler import Scheduler, SchedulerOptions
 from engine.shapes import Shapes, embedding_shapes, image_shapes
 from engine.stages import Stages
-from engine.text import TextEncoder
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 EMBEDDING_OUTPUT_TYPES = ("pt", "np")
@@ -41,19 +42,25 @@ EMBEDDING_OUTPUT_TYPES = ("pt", "np")
 class WuerstchenOutput:
     """`images` as diffusers returns them for the output type: a list of PIL images ("pil"), an array
     (N, H, W, 3) in [0, 1] ("np"), a tensor (N, 3, H, W) in [0, 1] ("pt"), or the decoder's latents
-    ("latent"). `timings` holds the wall-clock seconds of each stage that ran: text, prior, decoder, vqgan."""
+    ("latent"). `timings`: the seconds each stage that ran took, text, prior, decoder, vqgan, from its start
+    to its end on the host's clock (with other requests in flight, their ticks in between count too).
+    `compute_s`: the request's share of the device's time, from the measured times of the ticks it ran in;
+    the rest of its latency was queueing."""
 
     images: list[Image.Image] | np.ndarray | torch.Tensor
     timings: dict[str, float]
+    compute_s: float = 0.0
 
 
 @dataclass
 class WuerstchenPriorOutput:
     """`image_embeddings` as diffusers' `WuerstchenPriorPipeline` returns them: the prior's latents times 42
-    minus 1, (N, 16, h, w), a tensor ("pt") or an array ("np"). `timings`: seconds of the text and prior stages."""
+    minus 1, (N, 16, h, w), a tensor ("pt") or an array ("np"). `timings` and `compute_s` as in
+    `WuerstchenOutput`, for the text and prior stages."""
 
     image_embeddings: torch.Tensor | np.ndarray
     timings: dict[str, float]
+    compute_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -213,22 +220,6 @@ def check_image_embeddings(config: WuerstchenConfig, image_embeddings, device: t
     return image_embeddings.to(device=device, dtype=dtype)
 
 
-class _StageClock:
-    """Wall-clock seconds per stage, added up over its calls; on a GPU, synchronises at stage boundaries only."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-
 def _to_output(images: torch.Tensor, output_type: str):
     if output_type in ("pt", "latent"):
         return images
@@ -248,6 +239,9 @@ class WuerstchenPipeline:
         self.stages = stages
         self.runtime = runtime
         self._progress_bar_config: dict = {}
+        self._scheduler_options = SchedulerOptions()
+        self._scheduler: Scheduler | None = None
+        self._scheduler_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -330,71 +324,167 @@ class WuerstchenPipeline:
         return cls.load(resolve(source, backend, device, dtype, options))
 
     def with_stages(self, stages: Stages) -> WuerstchenPipeline:
-        """The same pipeline over other stage objects (wrapped ones, to time or trace them)."""
+        """The same pipeline over other stage objects (wrapped ones, to time or trace them), with a scheduler
+        of its own. Stages it keeps from this one, the captured steps among them, are shared: run one of the
+        two pipelines at a time."""
         pipe = WuerstchenPipeline(self.config, stages, self.runtime)
         pipe._progress_bar_config = dict(self._progress_bar_config)
+        pipe._scheduler_options = self._scheduler_options
         return pipe
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """Options for the tqdm bars over the prior and decoder steps, e.g. `disable=True`."""
         self._progress_bar_config = kwargs
 
+    def set_scheduler_options(self, options: SchedulerOptions) -> None:
+        """How the scheduler queues, admits and batches requests (see `engine.scheduler.SchedulerOptions`);
+        takes effect before the first request, or after `close()`."""
+        if not isinstance(options, SchedulerOptions):
+            raise WuerstchenError(f"options={options!r}: expected an engine.scheduler.SchedulerOptions")
+        self._scheduler_options = options
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The step scheduler every call and `submit` goes through, made on first use."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                policy = self._scheduler_options.policy
+                runner = Runner(self.config, self.stages, self.device,
+                                frozenset(policy.buckets) | {policy.deterministic_batch})
+                self._scheduler = Scheduler(runner, self._finish, self._scheduler_options)
+            return self._scheduler
+
+    def stats(self) -> dict:
+        """The scheduler's queue length, requests in flight, batch occupancy, padding waste, measured tick
+        times and counters (see `engine.scheduler.Scheduler.stats`)."""
+        return self.scheduler.stats()
+
+    def close(self) -> None:
+        """Finish what is in flight and let the scheduler's thread end; a later call starts a new one."""
+        with self._scheduler_lock:
+            scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
+
+    # --- requests --------------------------------------------------------------------------------------
+
+    def _state(self, kind: str, rows: int, output_type: str, generator: Generator, *, prior: PriorRequest | None,
+               decoder: DecoderRequest | None, image_embeddings: torch.Tensor | None, deadline, priority: str,
+               deterministic: bool) -> RequestState:
+        """A checked request as the scheduler takes it, its noise drawn now from its generator in a pipeline
+        call's order: the prior's initial latents and steps, then the decoder's. Drawn on the generator's
+        device, kept on the CPU until the scheduler admits it."""
+        timeout = _deadline(deadline)
+        if priority not in PRIORITIES:
+            raise WuerstchenError(f"priority={priority!r}: expected one of {', '.join(PRIORITIES)}")
+        if not isinstance(deterministic, bool):
+            raise WuerstchenError(f"deterministic={deterministic!r}: expected True or False")
+        generator = _check_generator(generator, rows, self.device)
+        config, dtype, cpu = self.config, self.dtype, torch.device("cpu")
+
+        def denoising(request, schedule_config, latent_shape) -> Denoising:
+            schedule = make_schedule(request.grid, schedule_config, dtype, self.device)
+            initial, noise = draw_denoising_noise(latent_shape, schedule.num_steps, generator, cpu, dtype)
+            return Denoising(schedule, initial, noise, request.guidance, tuple(latent_shape[2:]))
+
+        # The prior's draws first, then the decoder's: the order of a call.
+        prior_denoising = denoising(prior, config.prior_schedule, prior.shapes.prior_latent) if prior else None
+        decoder_denoising = denoising(decoder, config.decoder_schedule, decoder.shapes.decoder_latent) \
+            if decoder else None
+        request_id = Scheduler.new_id()
+        return RequestState(
+            request_id=request_id, kind=kind, rows=rows, future=RequestFuture(request_id), output_type=output_type,
+            prior=prior, decoder=decoder, prior_denoising=prior_denoising, decoder_denoising=decoder_denoising,
+            image_embeddings=image_embeddings, timeout=timeout, interactive=priority == "interactive",
+            deterministic=deterministic,
+        )
+
+    def _finish(self, state: RequestState):
+        """A finished request's result, as the matching pipeline call returns it (on the scheduler's thread)."""
+        if state.kind == "prior":
+            embeddings = state.output
+            if state.output_type == "np":
+                embeddings = embeddings.cpu().float().numpy()
+            return WuerstchenPriorOutput(image_embeddings=embeddings, timings=state.timings,
+                                         compute_s=state.compute_seconds)
+        images = state.output
+        if state.output_type != "latent" and not bool(torch.isfinite(images).all()):
+            raise WuerstchenError("the VQGAN produced non-finite values for this request: check the weights")
+        return WuerstchenOutput(images=_to_output(images, state.output_type), timings=state.timings,
+                                compute_s=state.compute_seconds)
+
+    def _run(self, state: RequestState, steps: int) -> object:
+        """Submit one request and wait for it, with a progress bar over its denoising steps."""
+        with self._progress(steps) as progress:
+            state.future.add_progress_callback(lambda stage, step, total: progress.update())
+            return self.scheduler.submit(state).result()
+
     def _progress(self, total: int):
         return tqdm(total=total, **{"desc": "denoising", **self._progress_bar_config})
 
-    @staticmethod
-    def _text_states(encoder: TextEncoder, prompts: list[str], negative_prompts: list[str], rows_per_prompt: int,
-                     guided: bool) -> torch.Tensor:
-        """`rows_per_prompt` rows of text states per prompt; with guidance, the negative prompts' rows follow."""
-        states = encoder(prompts).repeat_interleave(rows_per_prompt, dim=0)
-        if not guided:
-            return states
-        return torch.cat([states, encoder(negative_prompts).repeat_interleave(rows_per_prompt, dim=0)])
+    def _images_state(self, prompt, negative_prompt, height, width, prior_num_inference_steps, prior_timesteps,
+                      prior_guidance_scale, num_inference_steps, decoder_timesteps, decoder_guidance_scale,
+                      num_images_per_prompt, generator, output_type, **scheduling) -> RequestState:
+        """The combined call's request, every argument checked before anything is drawn."""
+        prior = check_prior_request(
+            self.config, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=prior_num_inference_steps, timesteps=prior_timesteps,
+            guidance_scale=prior_guidance_scale, num_images_per_prompt=num_images_per_prompt,
+            steps_name="prior_num_inference_steps", timesteps_name="prior_timesteps",
+            guidance_name="prior_guidance_scale")
+        decoder = check_decoder_request(
+            self.config, prior.shapes.prior_latent, prompt=prompt, negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
+            guidance_scale=decoder_guidance_scale, num_images_per_prompt=1, timesteps_name="decoder_timesteps",
+            guidance_name="decoder_guidance_scale", rows_per_prompt=prior.images_per_prompt)
+        _check_output_type(output_type, OUTPUT_TYPES)
+        return self._state("images", prior.shapes.batch, output_type, generator, prior=prior, decoder=decoder,
+                           image_embeddings=None, **scheduling)
 
-    def _prior(self, request: PriorRequest, generator: Generator, clock: _StageClock, progress) -> torch.Tensor:
-        """The image embeddings of a checked prior request: the denoised prior latents × 42 − 1."""
-        config, device, dtype, stages = self.config, self.device, self.dtype, self.stages
-        guided = request.guidance > 1
-        schedule = make_schedule(request.grid, config.prior_schedule, dtype, device)
-        with clock("text"):
-            text = self._text_states(stages.prior_text, request.prompts, request.negative_prompts,
-                                     request.images_per_prompt, guided)
-        with clock("prior"):
-            initial, noise = draw_denoising_noise(request.shapes.prior_latent, schedule.num_steps, generator, device,
-                                                  dtype)
-            conditioning = stages.prior.condition(text)
-            latents = stages.loop.denoise("prior", stages.prior, conditioning, schedule, initial, noise,
-                                          request.guidance, progress)
-            return latents * config.latent_mean - config.latent_std
+    def submit(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int = 512,
+        width: int = 512,
+        prior_num_inference_steps: int = 60,
+        prior_timesteps: Sequence[float] | None = None,
+        prior_guidance_scale: float = 4.0,
+        num_inference_steps: int = 12,
+        decoder_timesteps: Sequence[float] | None = None,
+        decoder_guidance_scale: float = 0.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        *,
+        seed: int | None = None,
+        deadline: float | None = None,
+        priority: str = "interactive",
+        deterministic: bool = False,
+    ) -> RequestFuture:
+        """Queue a request with the call's arguments and return at once: a `concurrent.futures.Future`
+        (`engine.requests.RequestFuture`) of what the call returns. Thread-safe; requests from any number of
+        threads are batched step by step. `seed` stands for `generator=torch.Generator().manual_seed(seed)`;
+        the image is the one that call makes, whatever else is in flight (within the rounding of batched
+        GEMMs; with `deterministic=True` every step of the request runs at one pinned batch size, so the same
+        request gives the same bits under any load). `deadline`: seconds from now; a request that cannot meet
+        it is refused at once (`engine.scheduler.DeadlineInfeasible`), one that misses it fails
+        (`DeadlineExceeded`). `priority`: "interactive", or "batch" to use only what interactive requests
+        leave. A full queue refuses at once with `engine.scheduler.QueueFull`."""
+        state = self._images_state(
+            prompt, negative_prompt, height, width, prior_num_inference_steps, prior_timesteps, prior_guidance_scale,
+            num_inference_steps, decoder_timesteps, decoder_guidance_scale, num_images_per_prompt,
+            _seeded(seed, generator), output_type, deadline=deadline, priority=priority, deterministic=deterministic)
+        return self.scheduler.submit(state)
 
-    def _decoder(self, request: DecoderRequest, image_embeddings: torch.Tensor, generator: Generator,
-                 clock: _StageClock, progress) -> torch.Tensor:
-        """The VQGAN latents of a checked decoder request; the unguided branch sees a zero image embedding."""
-        config, device, dtype, stages = self.config, self.device, self.dtype, self.stages
-        guided = request.guidance > 1
-        schedule = make_schedule(request.grid, config.decoder_schedule, dtype, device)
-        with clock("text"):
-            text = self._text_states(stages.decoder_text, request.prompts, request.negative_prompts,
-                                     request.rows_per_prompt, guided)
-        with clock("decoder"):
-            initial, noise = draw_denoising_noise(request.shapes.decoder_latent, schedule.num_steps, generator,
-                                                  device, dtype)
-            embeddings = image_embeddings.repeat_interleave(request.images_per_embedding, dim=0)
-            if guided:
-                embeddings = torch.cat([embeddings, torch.zeros_like(embeddings)])
-            pyramid = resize_image_embeddings(embeddings, config.decoder, request.shapes.decoder_levels)
-            conditioning = stages.decoder.condition(pyramid, text)
-            return stages.loop.denoise("decoder", stages.decoder, conditioning, schedule, initial, noise,
-                                       request.guidance, progress)
+    async def asubmit(self, *args, **kwargs):
+        """`submit`, awaited: the call's output. Cancelling the awaiting task cancels the request."""
+        return await asyncio.wrap_future(self.submit(*args, **kwargs))
 
-    def _decode(self, latents: torch.Tensor, output_type: str, clock: _StageClock):
-        if output_type == "latent":
-            return latents
-        with clock("vqgan"):
-            images = self.stages.vqgan(latents)
-        return _to_output(images, output_type)
+    def cancel(self, request_id: int) -> bool:
+        """Cancel a submitted request by its `RequestFuture.request_id`; False when it has finished."""
+        return self.scheduler.cancel(request_id)
 
-    @torch.no_grad()
     def run_prior(
         self,
         prompt: str | list[str],
@@ -414,16 +504,11 @@ class WuerstchenPipeline:
             self.config, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, timesteps=timesteps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt)
-        generator = _check_generator(generator, request.shapes.batch, self.device)
         _check_output_type(output_type, EMBEDDING_OUTPUT_TYPES)
-        clock = _StageClock(self.device)
-        with self._progress(len(request.grid) - 1) as progress:
-            embeddings = self._prior(request, generator, clock, progress)
-        if output_type == "np":
-            embeddings = embeddings.cpu().float().numpy()
-        return WuerstchenPriorOutput(image_embeddings=embeddings, timings=clock.seconds)
+        state = self._state("prior", request.shapes.batch, output_type, generator, prior=request, decoder=None,
+                            image_embeddings=None, deadline=None, priority="interactive", deterministic=False)
+        return self._run(state, len(request.grid) - 1)
 
-    @torch.no_grad()
     def run_decoder(
         self,
         image_embeddings: torch.Tensor | list[torch.Tensor] | np.ndarray,
@@ -440,19 +525,16 @@ class WuerstchenPipeline:
         from image embeddings (B, 16, h, w) (`run_prior`'s, or read from a file), the size following from
         theirs. `prompt` is one string for every embedding or a list of one per embedding; each embedding
         makes `num_images_per_prompt` images, one after the other."""
-        embeddings = check_image_embeddings(self.config, image_embeddings, self.device, self.dtype)
+        embeddings = check_image_embeddings(self.config, image_embeddings, torch.device("cpu"), self.dtype)
         request = check_decoder_request(
             self.config, embeddings.shape, prompt=prompt, negative_prompt=negative_prompt,
             num_inference_steps=num_inference_steps, timesteps=timesteps, guidance_scale=guidance_scale,
             num_images_per_prompt=num_images_per_prompt)
-        generator = _check_generator(generator, request.shapes.batch, self.device)
         _check_output_type(output_type, OUTPUT_TYPES)
-        clock = _StageClock(self.device)
-        with self._progress(len(request.grid) - 1) as progress:
-            latents = self._decoder(request, embeddings, generator, clock, progress)
-        return WuerstchenOutput(images=self._decode(latents, output_type, clock), timings=clock.seconds)
+        state = self._state("decoder", request.shapes.batch, output_type, generator, prior=None, decoder=request,
+                            image_embeddings=embeddings, deadline=None, priority="interactive", deterministic=False)
+        return self._run(state, len(request.grid) - 1)
 
-    @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str],
@@ -469,25 +551,35 @@ class WuerstchenPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
     ) -> WuerstchenOutput:
-        """Make `num_images_per_prompt` images per prompt: `run_prior`, then `run_decoder` on its embeddings
-        with each image's own prompt, every argument checked before either starts. Defaults are diffusers'
-        (512², 60 prior steps); the published recipe is `engine.recipe.Recipe().call()`."""
-        prior = check_prior_request(
-            self.config, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
-            num_inference_steps=prior_num_inference_steps, timesteps=prior_timesteps,
-            guidance_scale=prior_guidance_scale, num_images_per_prompt=num_images_per_prompt,
-            steps_name="prior_num_inference_steps", timesteps_name="prior_timesteps",
-            guidance_name="prior_guidance_scale")
-        decoder = check_decoder_request(
-            self.config, prior.shapes.prior_latent, prompt=prompt, negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
-            guidance_scale=decoder_guidance_scale, num_images_per_prompt=1, timesteps_name="decoder_timesteps",
-            guidance_name="decoder_guidance_scale", rows_per_prompt=prior.images_per_prompt)
-        generator = _check_generator(generator, prior.shapes.batch, self.device)
-        _check_output_type(output_type, OUTPUT_TYPES)
-        clock = _StageClock(self.device)
-        with self._progress(len(prior.grid) + len(decoder.grid) - 2) as progress:
-            image_embeddings = self._prior(prior, generator, clock, progress)
-            latents = self._decoder(decoder, image_embeddings, generator, clock, progress)
-        return WuerstchenOutput(images=self._decode(latents, output_type, clock), timings=clock.seconds)
+        """Make `num_images_per_prompt` images per prompt: the prior, then the decoder on its embeddings with
+        each image's own prompt, every argument checked before either starts. One request through the
+        scheduler (`submit`), as every call is: a pipeline may be called from any number of threads, and each
+        call returns the images it would return alone. Defaults are diffusers' (512², 60 prior steps); the
+        published recipe is `engine.recipe.Recipe().call()`."""
+        state = self._images_state(
+            prompt, negative_prompt, height, width, prior_num_inference_steps, prior_timesteps, prior_guidance_scale,
+            num_inference_steps, decoder_timesteps, decoder_guidance_scale, num_images_per_prompt, generator,
+            output_type, deadline=None, priority="interactive", deterministic=False)
+        return self._run(state, state.prior_denoising.steps + state.decoder_denoising.steps)
 
+
+PRIORITIES = ("interactive", "batch")
+
+
+def _seeded(seed, generator) -> Generator:
+    """The generator of a submitted request: `generator`, or a CPU generator seeded with `seed`."""
+    if seed is None:
+        return generator
+    if generator is not None:
+        raise WuerstchenError("seed and generator both given: pass one")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise WuerstchenError(f"seed={seed!r}: expected an integer from 0 to 2**64 - 1")
+    return torch.Generator().manual_seed(seed)
+
+
+def _deadline(deadline) -> float | None:
+    if deadline is None:
+        return None
+    if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline < math.inf:
+        raise WuerstchenError(f"deadline={deadline!r}: expected a positive number of seconds, or None")
+    return float(deadline)

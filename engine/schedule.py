@@ -65,8 +65,11 @@ class DenoisingSchedule:
 
 
 def sampler_step(coefficients: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """x at the next noise level, from x, the predicted noise eps, the step's noise and its row of
-    `DenoisingSchedule.coefficients`; computed in fp32, returned in x's dtype."""
+    """x at the next noise level, from x, the predicted noise eps, the step's noise and a row (4,) of
+    `DenoisingSchedule.coefficients` for every row of x, or (B, 4) rows, one per row of x (rows at different
+    steps of different schedules); computed in fp32, returned in x's dtype."""
+    if coefficients.dim() == 2:  # each coefficient as (B, 1, 1, 1), to broadcast over its row of x
+        coefficients = coefficients.T.reshape(4, -1, *[1] * (x.dim() - 1))
     sqrt_recip_alpha, one_minus_alpha, sqrt_one_minus_acp, noise_scale = coefficients
     mean = sqrt_recip_alpha * (x.float() - one_minus_alpha * eps.float() / sqrt_one_minus_acp)
     return (mean + noise_scale * noise.float()).to(x.dtype)

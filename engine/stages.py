@@ -1,20 +1,21 @@
 """The stage objects that every backend provides and the pipeline drives, whichever backend made them.
 
 A backend loads a model source into `Stages`: the two text encoders, the prior and the decoder as
-`Denoiser`s (their conditioning computed once per request, then one call per step), the VQGAN decode, and
-the `Loop` that runs a stage's denoising steps (eagerly, or as one replayed CUDA graph per step). On the
-PyTorch backends the stages are the models themselves; on the others, graphs behind the same calls.
+`Denoiser`s (their conditioning computed once per request, then one call per step), the VQGAN decode, and,
+on the fast backends, the cache of denoising steps captured as CUDA graphs (`graphs`; without it every step
+runs eagerly). On the PyTorch backends the stages are the models themselves; on the others, graphs behind
+the same calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from engine.denoise import EagerLoop, Loop
+from engine.denoise import StepGraphs
 from engine.text import TextEncoder
 
 
@@ -37,4 +38,4 @@ class Stages:
     decoder_text: TextEncoder
     decoder: Denoiser
     vqgan: Callable[[torch.Tensor], torch.Tensor]  # decoder latents → images in [0, 1]
-    loop: Loop = field(default_factory=EagerLoop)
+    graphs: StepGraphs | None = None  # denoising steps captured as CUDA graphs, per shape and batch size

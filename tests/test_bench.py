@@ -149,3 +149,35 @@ def test_fusion_benchmark_compares_every_kernel_and_variant(monkeypatch):
         (stage, variant) for variant in fusions.VARIANTS for stage in ("prior_step", "decoder_step", "vqgan_decode")
         if variant != "torch-fast + linear_gelu" or stage == "vqgan_decode"]
     assert all(row["relative_difference"] < 1e-4 for row in stages), stages
+
+
+def test_the_load_benchmark_measures_the_scheduler_against_one_request_at_a_time(tmp_path, capsys):
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps([{"height": 128, "width": 128, "prior_steps": 2, "decoder_steps": 2, "weight": 3},
+                               {"height": 256, "width": 128, "prior_steps": 3, "decoder_steps": 1, "images": 2}]))
+    argv = ["bench", "--preset", "tiny", "--device", "cpu", "--load", "--mix", str(mix), "--concurrency", "1", "4",
+            "--requests", "8", "--json", str(tmp_path / "load.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "sequential" in out and "concurrency 4" in out and "poisson" in out and "mix: 128×128 ×1" in out
+    record = json.loads((tmp_path / "load.json").read_text())
+    rows = {row["measurement"].split(" ")[0]: row for row in record["measurements"]}
+    assert [row["measurement"] for row in record["measurements"]][:3] == ["sequential", "concurrency 1",
+                                                                         "concurrency 4"]
+    assert all(row["served"] == row["requests"] and row["failed"] == 0 for row in record["measurements"])
+    assert rows["sequential"]["batch_occupancy"] >= 1 and rows["sequential"]["images_per_s"] > 0
+    assert record["measurements"][2]["batch_occupancy"] > 1  # four clients share batches
+    poisson = record["measurements"][-1]
+    assert poisson["rate_req_per_s"] > 0 and poisson["latency_s"]["p99"] >= poisson["latency_s"]["p50"] > 0
+    assert record["workload"]["mix"][1]["images"] == 2 and record["provenance"]["device"].startswith("CPU")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mix", "/no/such.json"], "--mix='/no/such.json' is not a readable JSON file"),
+    (["--backend", "torch", "torch-fast"], "--load measures one backend and no baseline"),
+    (["--requests", "0"], "--requests 0: expected a positive number"),
+])
+def test_bad_load_arguments_are_one_line(capsys, args, message):
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--load", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

@@ -157,11 +157,11 @@ def test_step_graph_cache_keeps_the_most_recent_and_evicts_the_oldest():
 
 def test_step_graph_keys_separate_everything_a_graph_depends_on():
     x, kv = torch.zeros(2, 16, 6, 9), (torch.zeros(4, 77, 64),)
-    key = StepGraphs.key("prior", 4.0, x, kv)
-    assert key == ("prior", 4.0, (2, 16, 6, 9), torch.float32, torch.device("cpu"), (((4, 77, 64), torch.float32),))
-    others = [StepGraphs.key("decoder", 4.0, x, kv), StepGraphs.key("prior", 3.0, x, kv),
-              StepGraphs.key("prior", 4.0, x[:1], kv), StepGraphs.key("prior", 4.0, x.half(), kv),
-              StepGraphs.key("prior", 4.0, x, (kv[0][:2],))]
+    key = StepGraphs.key("prior", True, x, kv)
+    assert key == ("prior", True, (2, 16, 6, 9), torch.float32, torch.device("cpu"), (((4, 77, 64), torch.float32),))
+    others = [StepGraphs.key("decoder", True, x, kv), StepGraphs.key("prior", False, x, kv),
+              StepGraphs.key("prior", True, x[:1], kv), StepGraphs.key("prior", True, x.half(), kv),
+              StepGraphs.key("prior", True, x, (kv[0][:2],))]
     assert len({key, *others}) == 6
 
 
@@ -179,7 +179,8 @@ def test_fast_backend_makes_the_reference_images(tiny_folders):
         if seed_offset == 0:
             assert np.abs(actual - expected).max() <= 2e-3
     assert np.abs(actual - expected).max() > 1e-2
-    assert [key[0] for key in fast.stages.loop.keys()] == ["prior", "decoder"]
+    # One captured step per (stage, shape, batch): the two images of a request share one batch of two.
+    assert [(key[0], key[2][0]) for key in fast.stages.graphs.keys()] == [("prior", 2), ("decoder", 2)]
 
 
 def test_backend_names_are_listed_when_wrong():
@@ -212,3 +213,23 @@ def test_a_checkpoint_that_runs_on_torch_runs_on_torch_fast(head_dim, tmp_path, 
                          "is outside the attention kernel's envelope (16, 32, 64, 128)",
                          f"torch-fast: 6 attention blocks of the decoder run on the reference path: head dim "
                          f"{head_dim} is outside the attention kernel's envelope (16, 32, 64, 128)"]
+
+
+def test_fast_backend_batches_concurrent_requests_into_captured_buckets(tiny_folders):
+    """Several requests at once on torch-fast: their steps share batches padded to the captured sizes (real CUDA
+    graphs on a GPU), and each image is the one its own call makes on the reference path."""
+    reference = WuerstchenPipeline.from_pretrained(*tiny_folders, device=DEVICE, dtype=torch.float32)
+    fast = WuerstchenPipeline.from_pretrained(*tiny_folders, device=DEVICE, dtype=torch.float32, backend="torch-fast")
+    for pipe in (reference, fast):
+        pipe.set_progress_bar_config(disable=True)
+    calls = [dict(prompt=prompt, height=128, width=256, prior_num_inference_steps=steps, num_inference_steps=2,
+                  output_type="np", seed=seed)
+             for seed, (prompt, steps) in enumerate([("a cat", 3), ("a dog", 2), ("a red boat", 4)])]
+    expected = [reference(**{k: v for k, v in call.items() if k != "seed"},
+                          generator=torch.Generator().manual_seed(call["seed"])).images for call in calls]
+    futures = [fast.submit(**call) for call in calls]
+    for future, image in zip(futures, expected, strict=True):
+        assert np.abs(future.result(timeout=300).images - image).max() <= 2e-3
+    batch_sizes = {key[2][0] for key in fast.stages.graphs.keys()}
+    assert batch_sizes <= {1, 2, 4, 8}  # every captured step is one of the buckets
+    assert fast.stats()["batch_occupancy"] > 1

@@ -59,8 +59,8 @@ class FastOptions:
 
     chains: bool = True  # the glue between blocks fused (residual, FiLM, LayerNorm; residuals in GEMM epilogues)
     gemm_gelu: bool = False  # the VQGAN's first Linear and GELU as one Triton GEMM: off until a GPU shows it wins
-    cuda_graphs: bool = True  # every denoising step captured once per shape and replayed
-    graph_cache_size: int = 8  # captured steps kept, the least recently used dropped first
+    cuda_graphs: bool = True  # every denoising step captured once per (stage, shape, batch size) and replayed
+    graph_cache_size: int = 32  # captured steps kept, the least recently used dropped first
 
     def __post_init__(self):
         if self.gemm_gelu and not self.chains:

@@ -11,7 +11,7 @@ import torch
 
 from engine.backends import Backend, BackendOptions, backend_options
 from engine.config import WuerstchenConfig, preset
-from engine.denoise import EagerLoop, StepGraphs
+from engine.denoise import StepGraphs
 from engine.models import Decoder, Prior, VQGANDecoder
 from engine.runtime import ModelSource, Runtime
 from engine.stages import Stages
@@ -73,5 +73,5 @@ def stages(models: Models, backend: Backend, options: BackendOptions | None = No
     if backend is Backend.TORCH_COMPILE:
         prior = torch.compile(prior, fullgraph=True, dynamic=False)
         decoder = torch.compile(decoder, fullgraph=True, dynamic=False)
-    loop = StepGraphs(options.graph_cache_size) if options.cuda_graphs else EagerLoop()
-    return Stages(models.prior_text, prior, models.decoder_text, decoder, vqgan, loop)
+    graphs = StepGraphs(options.graph_cache_size) if options.cuda_graphs else None
+    return Stages(models.prior_text, prior, models.decoder_text, decoder, vqgan, graphs)

@@ -1,0 +1,183 @@
+"""One request as the scheduler holds it: what was asked (checked), its own noise, and where it stands.
+
+A request is made in the caller's thread (`engine.pipeline.WuerstchenPipeline.submit`): its fields checked,
+and every draw of its noise taken from its own generator in exactly the order a pipeline call takes them
+(the prior's initial latents and one draw per prior step, then the decoder's), so that its image does not
+depend on what else is in flight. The scheduler's thread then moves it through the stages of
+`engine.policy.Stage`; the runner (`engine.runner`) computes each stage and writes the results back here.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.policy import Candidate, GroupKey, Stage
+from engine.schedule import DenoisingSchedule
+
+KINDS = ("images", "prior", "decoder")  # the whole pipeline, the prior alone (run_prior), the decoder alone
+
+
+class RequestFuture(Future):
+    """A submitted request's result: what the matching pipeline call returns, or its exception. `cancel()`
+    works until the request finishes: the scheduler frees its slot at the next tick. `progress` is (stage,
+    step, steps) of the work last done; `add_progress_callback` calls a function with it after each step."""
+
+    def __init__(self, request_id: int):
+        super().__init__()
+        self.request_id = request_id
+        self.progress: tuple[str, int, int] = ("queued", 0, 0)
+        self._progress_callbacks: list[Callable[[str, int, int], None]] = []
+        self._progress_lock = threading.Lock()
+
+    def add_progress_callback(self, callback: Callable[[str, int, int], None]) -> None:
+        with self._progress_lock:
+            self._progress_callbacks.append(callback)
+
+    def report(self, stage: str, step: int, steps: int) -> None:
+        """Called by the scheduler's thread after each piece of the request's work."""
+        self.progress = (stage, step, steps)
+        with self._progress_lock:
+            callbacks = list(self._progress_callbacks)
+        for callback in callbacks:
+            callback(stage, step, steps)
+
+
+@dataclass
+class Denoising:
+    """One denoising stage of a request: its schedule, its noise (the initial latents, then one draw per
+    step), its guidance scale, and its latents and conditioning once it runs."""
+
+    schedule: DenoisingSchedule
+    initial: torch.Tensor
+    noise: tuple[torch.Tensor, ...]
+    guidance: float
+    shape: tuple[int, int]  # the latent's (height, width)
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.num_steps
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 1
+
+    def to(self, device: torch.device) -> Denoising:
+        """The same stage with its tensors on `device`."""
+        return Denoising(
+            DenoisingSchedule(self.schedule.ratios.to(device), self.schedule.coefficients.to(device)),
+            self.initial.to(device), tuple(n.to(device) for n in self.noise), self.guidance, self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.initial, *self.noise))
+
+
+@dataclass(eq=False)
+class RequestState:
+    """A request in the scheduler: what it asks for, and its state from stage to stage."""
+
+    request_id: int
+    kind: str  # one of KINDS
+    rows: int  # images in flight: latent rows of its batches
+    future: RequestFuture
+    output_type: str
+    prior: object = None  # engine.pipeline.PriorRequest, for kinds "images" and "prior"
+    decoder: object = None  # engine.pipeline.DecoderRequest, for kinds "images" and "decoder"
+    prior_denoising: Denoising | None = None
+    decoder_denoising: Denoising | None = None
+    image_embeddings: torch.Tensor | None = None  # the decoder's input: given ("decoder") or the prior's output
+    timeout: float | None = None  # seconds from submission to the deadline
+    deadline: float = math.inf  # on the scheduler's clock, set at submission
+    interactive: bool = True
+    deterministic: bool = False
+    submitted: float = 0.0
+    # Where it stands.
+    stage: Stage = Stage.TEXT
+    step: int = 0
+    ready_tick: int = 0
+    latents: torch.Tensor | None = None
+    conditioning: tuple[torch.Tensor, ...] = ()
+    decoder_text: torch.Tensor | None = None
+    finite: torch.Tensor | None = None  # per row, from the last step; read one tick later
+    output: torch.Tensor | None = None  # the image embeddings, the latents or the images, once done
+    ticks: list[tuple[GroupKey, int]] = field(default_factory=list)  # (group, batch size) of every tick it ran in
+    compute_seconds: float = 0.0  # its ticks' measured time, once finished
+    timings: dict[str, float] = field(default_factory=dict)
+    stage_started: float = 0.0
+
+    @property
+    def denoising(self) -> Denoising | None:
+        """The denoising stage the request is in, if it is in one."""
+        return {Stage.PRIOR: self.prior_denoising, Stage.DECODER: self.decoder_denoising}.get(self.stage)
+
+    @property
+    def key(self) -> GroupKey:
+        return self.key_for(self.stage)
+
+    def key_for(self, stage: Stage) -> GroupKey:
+        """The group the request's work of `stage` belongs to."""
+        denoising = {Stage.PRIOR: self.prior_denoising, Stage.DECODER: self.decoder_denoising}.get(stage)
+        if denoising is None:
+            return GroupKey(stage)
+        return GroupKey(stage, denoising.shape, denoising.guided, self.deterministic)
+
+    def __post_init__(self):
+        # What the request holds on the device while in flight, roughly: its noise (its latents are the size of
+        # one draw) and its decoded images in fp32. Fixed at creation: the scheduler keeps a running sum.
+        noise = sum(d.nbytes for d in (self.prior_denoising, self.decoder_denoising) if d is not None)
+        images = math.prod(self.decoder.shapes.image) if self.decoder is not None else 0
+        self.nbytes = noise + 4 * images
+
+    def candidate(self, remaining_s: float) -> Candidate:
+        return Candidate(self.request_id, self.key, self.rows, self.ready_tick, self.deadline, remaining_s,
+                         self.interactive)
+
+    def steps_left(self) -> dict[Stage, int]:
+        """The work still to do, by stage: steps for the denoising stages, one for each other stage."""
+        order = [Stage.TEXT, Stage.PRIOR, Stage.HANDOFF, Stage.DECODER, Stage.DECODE]
+        plan = {
+            "images": order, "prior": order[:3], "decoder": [Stage.TEXT, Stage.HANDOFF, Stage.DECODER, Stage.DECODE],
+        }[self.kind]
+        left = {}
+        for stage in plan:
+            if stage < self.stage:
+                continue
+            if stage.batched:
+                denoising = self.prior_denoising if stage is Stage.PRIOR else self.decoder_denoising
+                left[stage] = denoising.steps - (self.step if stage is self.stage else 0)
+            else:
+                left[stage] = 1
+        return left
+
+    def advance(self, tick: int, now: float) -> bool:
+        """Move past the work just done; True when the request is finished."""
+        if self.stage.batched and self.step + 1 < self.denoising.steps:
+            self.step += 1
+            self.ready_tick = tick
+            return False
+        self.step = 0
+        self.ready_tick = tick
+        # The handoff (×42 − 1, the pyramid, the decoder's conditioning) counts as the stage it serves.
+        stage_name = {Stage.TEXT: "text", Stage.PRIOR: "prior", Stage.HANDOFF: "prior" if self.kind == "prior" else
+                      "decoder", Stage.DECODER: "decoder", Stage.DECODE: "vqgan"}[self.stage]
+        self.timings[stage_name] = self.timings.get(stage_name, 0.0) + now - self.stage_started
+        self.stage_started = now
+        if self.stage is Stage.TEXT:
+            self.stage = Stage.PRIOR if self.kind != "decoder" else Stage.HANDOFF
+        elif self.stage is Stage.PRIOR:
+            self.stage = Stage.HANDOFF
+        elif self.stage is Stage.HANDOFF:
+            if self.kind == "prior":
+                return True
+            self.stage = Stage.DECODER
+        elif self.stage is Stage.DECODER:
+            self.stage = Stage.DECODE
+        else:
+            return True
+        return False
