@@ -3,20 +3,24 @@
 A bundle holds seven ONNX graphs (see `export.graphs`), the two tokenizers and `manifest.json`. The
 manifest says what a program in any language needs to run the pipeline: the graphs' files, inputs and
 outputs with symbolic shapes, the size range, the schedule constants, and a SHA-256 of every file.
-`export.bundle` writes it; this module checks it before anything runs.
+`export.bundle` writes it; this module trusts none of it until checked: the manifest's schema, key by key;
+every path inside the bundle (no absolute path, no `..`, no link leading out); every file that is opened
+(each graph, its external data, every tokenizer file) listed with a hash, and the hashes checked.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.config import SizeGrid, WuerstchenConfig
+from engine.config import WuerstchenConfig
 from engine.errors import WuerstchenError
+from engine.files import inside
 from engine.precision import Precision
 
 FORMAT = "wuerstchen-bundle"
@@ -24,9 +28,12 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 GRAPHS = ("prior_text", "prior_condition", "prior_step", "decoder_text", "decoder_condition", "decoder_step",
           "vqgan_decode")
+TOKENIZERS = ("prior", "decoder")
 # The element types of the graphs' inputs and outputs, by the names the manifest gives them.
 TENSOR_DTYPES = {precision.onnx_name: precision.torch_dtype for precision in Precision} | {"int64": torch.int64}
 TENSOR_DTYPE_NAMES = {dtype: name for name, dtype in TENSOR_DTYPES.items()}
+SYMBOLIC_DIM = re.compile(r"^([1-9][0-9]*\*)?(batch|ph|pw|dh|dw)$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -54,25 +61,29 @@ class Bundle:
     def config(self) -> WuerstchenConfig:
         """The model's config, with the size grid narrowed to the range the graphs were exported for."""
         config = WuerstchenConfig.from_dict(self.manifest["config"])
-        sizes = self.manifest["sizes"]
-        return WuerstchenConfig.from_dict({**config.to_dict(), "sizes": vars(SizeGrid(**sizes))})
+        return WuerstchenConfig.from_dict({**config.to_dict(), "sizes": dict(self.manifest["sizes"])})
 
     def graph(self, name: str) -> dict:
-        """A graph's manifest entry: file, inputs and outputs (name, dtype, symbolic shape)."""
+        """A graph's manifest entry: file, external data, inputs and outputs (name, dtype, symbolic shape)."""
         return self.manifest["graphs"][name]
 
     def graph_files(self, name: str) -> list[str]:
         """A graph's file, then the external-data files its weights live in, as the manifest lists them."""
         entry = self.graph(name)
-        return [entry["file"], *entry.get("external_data", [])]
+        return [entry["file"], *entry["external_data"]]
+
+    def tokenizer(self, stage: str) -> Path:
+        """The tokenizer folder of a stage ("prior" or "decoder"), every file of which the manifest hashes."""
+        return self.root / self.manifest["tokenizers"][stage]
 
     def path(self, relative: str) -> Path:
         return self.root / relative
 
 
 def open_bundle(path: str | Path, check_hashes: bool = True) -> Bundle:
-    """Open a bundle, checking its format version, that every file it lists exists inside it and, unless
-    `check_hashes` is off, that no file was altered. Each failure is one line naming what and why."""
+    """Open a bundle, checking its manifest's schema, that every file it opens lies inside it and is listed,
+    and, unless `check_hashes` is off (the caller's choice, never the manifest's), that no file was altered.
+    Each failure is one line naming the key or the file and what was expected."""
     root = Path(path)
     manifest_path = root / MANIFEST
     if not root.is_dir():
@@ -83,24 +94,140 @@ def open_bundle(path: str | Path, check_hashes: bool = True) -> Bundle:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise WuerstchenError(f"{manifest_path} is not valid JSON: {error}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise WuerstchenError(f"{manifest_path}: format is not {FORMAT!r}")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise WuerstchenError(
-            f"{manifest_path}: format_version={version!r} is not supported: this engine reads version {FORMAT_VERSION}"
-        )
-    missing = [name for name in GRAPHS if name not in manifest.get("graphs", {})]
-    if missing:
-        raise WuerstchenError(f"{manifest_path}: graphs {missing} are missing; a bundle has {list(GRAPHS)}")
-    for relative, digest in manifest["files"].items():
-        file = (root / relative).resolve()
-        if root.resolve() not in file.parents:
-            raise WuerstchenError(f"{manifest_path}: file {relative!r} lies outside the bundle")
+    _Schema(manifest_path).check(manifest)
+    bundle = Bundle(root, manifest)
+    files = manifest["files"]
+    for relative in files:
+        file = inside(root, relative, f"{manifest_path}: files key")
         if not file.is_file():
-            raise WuerstchenError(f"bundle file {root / relative} is missing")
-        if check_hashes and sha256(file) != digest:
-            raise WuerstchenError(
-                f"bundle file {root / relative} was altered: its SHA-256 differs from the manifest's {digest[:12]}…"
-            )
-    return Bundle(root, manifest)
+            raise WuerstchenError(f"bundle file {file} is missing")
+    opened = [file for name in GRAPHS for file in bundle.graph_files(name)]
+    for stage in TOKENIZERS:
+        folder = inside(root, manifest["tokenizers"][stage], f"{manifest_path}: tokenizers.{stage}")
+        if not folder.is_dir():
+            raise WuerstchenError(f"bundle tokenizer folder {folder} is missing")
+        for file in sorted(folder.rglob("*")):
+            if file.is_symlink() or not (file.is_file() or file.is_dir()):
+                raise WuerstchenError(f"bundle tokenizer folder {folder} holds {file.name!r}, which is not a plain "
+                                      "file")
+            if file.is_file():
+                opened.append(str(file.relative_to(root)))
+    for relative in opened:
+        inside(root, relative, f"{manifest_path}: a graph's or tokenizer's file")
+        if relative not in files:
+            raise WuerstchenError(f"{manifest_path}: {relative!r} is read but not listed in files with its SHA-256: "
+                                  "expected every graph, external-data and tokenizer file listed")
+    if check_hashes:
+        for relative, digest in files.items():
+            if sha256(root / relative) != digest:
+                raise WuerstchenError(f"bundle file {root / relative} was altered: its SHA-256 differs from the "
+                                      f"manifest's {digest[:12]}…")
+    return bundle
+
+
+class _Schema:
+    """The manifest's keys, types and ranges, checked before any of it is used."""
+
+    def __init__(self, manifest_path: Path):
+        self.where = str(manifest_path)
+
+    def fail(self, key: str, value, expected: str):
+        raise WuerstchenError(f"{self.where}: {key}={_shown(value)}: expected {expected}")
+
+    def check(self, manifest) -> None:
+        if not isinstance(manifest, dict):
+            self.fail("manifest", type(manifest).__name__, "a JSON object")
+        if manifest.get("format") != FORMAT:
+            self.fail("format", manifest.get("format"), repr(FORMAT))
+        version = manifest.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise WuerstchenError(f"{self.where}: format_version={_shown(version)} is not supported: this engine "
+                                  f"reads version {FORMAT_VERSION}")
+        for key in ("dtype", "config", "sizes", "tokenizers", "graphs", "files"):
+            if key not in manifest:
+                raise WuerstchenError(f"{self.where}: the key {key!r} is missing")
+        if manifest["dtype"] not in {p.onnx_name for p in Precision}:
+            self.fail("dtype", manifest["dtype"], f"one of {', '.join(p.onnx_name for p in Precision)}")
+        config = self._config(manifest["config"])
+        self._sizes(manifest["sizes"], config)
+        self._files(manifest["files"])
+        self._tokenizers(manifest["tokenizers"])
+        self._graphs(manifest["graphs"])
+
+    def _config(self, values) -> WuerstchenConfig:
+        if not isinstance(values, dict):
+            self.fail("config", values, "an object of the stages' configs")
+        try:
+            return WuerstchenConfig.from_dict(values)
+        except WuerstchenError as error:
+            raise WuerstchenError(f"{self.where}: config: {error}") from None
+        except (TypeError, ValueError, KeyError) as error:
+            raise WuerstchenError(f"{self.where}: config is not a Würstchen config: {error}") from None
+
+    def _sizes(self, sizes, config: WuerstchenConfig) -> None:
+        grid = config.sizes
+        if not isinstance(sizes, dict) or set(sizes) != {"step", "min", "max"}:
+            self.fail("sizes", sizes, "an object with step, min and max")
+        for key, value in sizes.items():
+            if type(value) is not int or value < 1:
+                self.fail(f"sizes.{key}", value, "a positive integer")
+        if sizes["step"] != grid.step or sizes["min"] % grid.step or sizes["max"] % grid.step:
+            self.fail("sizes", sizes, f"sides on the model's grid, step {grid.step}")
+        if not grid.min <= sizes["min"] <= sizes["max"] <= grid.max:
+            self.fail("sizes", sizes, f"min ≤ max within the model's range, {grid.describe()}")
+
+    def _files(self, files) -> None:
+        if not isinstance(files, dict) or not files:
+            self.fail("files", files, "an object of every file's SHA-256")
+        for relative, digest in files.items():
+            if not isinstance(digest, str) or not SHA256.match(digest):
+                self.fail(f"files[{relative!r}]", digest, "a SHA-256 in 64 lowercase hex digits")
+
+    def _tokenizers(self, tokenizers) -> None:
+        if not isinstance(tokenizers, dict) or not all(isinstance(tokenizers.get(s), str) for s in TOKENIZERS):
+            self.fail("tokenizers", tokenizers, "an object naming the prior's and the decoder's tokenizer folders")
+
+    def _graphs(self, graphs) -> None:
+        if not isinstance(graphs, dict):
+            self.fail("graphs", graphs, f"an object of the graphs {list(GRAPHS)}")
+        missing = [name for name in GRAPHS if name not in graphs]
+        if missing:
+            raise WuerstchenError(f"{self.where}: graphs {missing} are missing; a bundle has {list(GRAPHS)}")
+        for name in GRAPHS:
+            entry = graphs[name]
+            where = f"graphs.{name}"
+            if not isinstance(entry, dict):
+                self.fail(where, entry, "an object with file, external_data, inputs and outputs")
+            for key in ("file", "external_data", "inputs", "outputs"):
+                if key not in entry:
+                    raise WuerstchenError(f"{self.where}: {where}: the key {key!r} is missing")
+            if not isinstance(entry["file"], str):
+                self.fail(f"{where}.file", entry["file"], "a file name")
+            data = entry["external_data"]
+            if not isinstance(data, list) or not all(isinstance(f, str) for f in data):
+                self.fail(f"{where}.external_data", data, "a list of file names")
+            for kind in ("inputs", "outputs"):
+                tensors = entry[kind]
+                if not isinstance(tensors, list) or not tensors:
+                    self.fail(f"{where}.{kind}", tensors, "a non-empty list of tensors")
+                for i, tensor in enumerate(tensors):
+                    self._tensor(f"{where}.{kind}[{i}]", tensor)
+
+    def _tensor(self, where: str, tensor) -> None:
+        if not isinstance(tensor, dict) or set(tensor) != {"name", "dtype", "shape"}:
+            self.fail(where, tensor, "an object with name, dtype and shape")
+        if not isinstance(tensor["name"], str) or not tensor["name"]:
+            self.fail(f"{where}.name", tensor["name"], "a tensor name")
+        if tensor["dtype"] not in TENSOR_DTYPES:
+            self.fail(f"{where}.dtype", tensor["dtype"], f"one of {', '.join(TENSOR_DTYPES)}")
+        shape = tensor["shape"]
+        valid = isinstance(shape, list) and all(
+            (type(dim) is int and dim > 0) or (isinstance(dim, str) and SYMBOLIC_DIM.match(dim)) for dim in shape)
+        if not valid:
+            self.fail(f"{where}.shape", shape, "a list of positive sizes and symbols such as 'batch' or '16*dh'")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
+

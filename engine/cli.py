@@ -1,4 +1,6 @@
-"""The `wuerstchen` command line. Bad input is one line on stderr and exit status 2, never a traceback.
+"""The `wuerstchen` command line. Bad input is one line on stderr and exit status 2, a run that fails for
+another reason (a device error) one line and status 1, an interrupt status 130; never a
+traceback.
 
 `generate` lives here, with the flags every command shares (`model_flags`) and the one function that turns
 them into a `Runtime` (`resolve_flags`). The commands of the layers above the runtime register themselves
@@ -18,6 +20,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from engine.errors import WuerstchenError
+from engine.scheduler import DeadlineExceeded, Refused, RequestFailed
 
 COMMANDS_GROUP = "wuerstchen.commands"
 DEMO_NOTICE = (
@@ -129,17 +132,19 @@ def _recipe(args: argparse.Namespace):
     return Recipe(**{name: getattr(published, name) if value is None else value for name, value in given.items()})
 
 
-def write_embeddings(path: str, embeddings, generator, metadata: dict) -> None:
-    """The prior's image embeddings as safetensors, with the generator's state after the prior (so that
-    decoding them later with that state gives the image the whole pipeline gives) and the settings."""
+def write_embeddings(path: str, embeddings, states: list, seeds: list[int], metadata: dict) -> None:
+    """The prior's image embeddings as safetensors, with each image's generator state after the prior (so that
+    decoding them later from those states gives the images the whole pipeline gives), its seed, and the
+    settings."""
+    import torch
     from safetensors.torch import save
 
     from engine.files import write_atomically
 
-    tensors = {"image_embeddings": embeddings.float().cpu().contiguous()}
-    if generator is not None:
-        tensors["generator_state"] = generator.get_state()
-    header = {"format": EMBEDDINGS_FORMAT, "format_version": "1", **{k: str(v) for k, v in metadata.items()}}
+    tensors = {"image_embeddings": embeddings.float().cpu().contiguous(),
+               "generator_states": torch.stack(states)}
+    header = {"format": EMBEDDINGS_FORMAT, "format_version": "2", "seeds": json.dumps(seeds),
+              **{k: str(v) for k, v in metadata.items()}}
     try:
         write_atomically(path, save(tensors, metadata=header))
     except OSError as error:
@@ -147,33 +152,54 @@ def write_embeddings(path: str, embeddings, generator, metadata: dict) -> None:
 
 
 def read_embeddings(path: str) -> tuple:
-    """(image embeddings, the generator state after the prior or None, metadata) from `write_embeddings`'s
+    """(image embeddings, each image's generator state after the prior, their seeds) from `write_embeddings`'s
     file; anything else is a one-line error naming the file."""
     import torch
     from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         raise WuerstchenError(f"--embeddings={path!r}: file does not exist")
+    expected = (f"--embeddings={path!r}: not a file of image embeddings written by `wuerstchen generate "
+                "--save-embeddings`")
     try:
         with safe_open(path, framework="pt") as file:
             metadata, keys = file.metadata() or {}, set(file.keys())
-            if metadata.get("format") != EMBEDDINGS_FORMAT or metadata.get("format_version") != "1" or \
-                    not keys <= {"image_embeddings", "generator_state"} or "image_embeddings" not in keys:
-                raise WuerstchenError(f"--embeddings={path!r}: not a file of image embeddings written by "
-                                      "`wuerstchen generate --save-embeddings`")
-            embeddings = file.get_tensor("image_embeddings")
-            state = file.get_tensor("generator_state") if "generator_state" in keys else None
-    except (SafetensorError, OSError, RuntimeError) as error:
+            if metadata.get("format") != EMBEDDINGS_FORMAT or metadata.get("format_version") != "2" or \
+                    keys != {"image_embeddings", "generator_states"}:
+                raise WuerstchenError(expected)
+            embeddings, states = file.get_tensor("image_embeddings"), file.get_tensor("generator_states")
+        seeds = json.loads(metadata.get("seeds", "null"))
+    except (SafetensorError, OSError, RuntimeError, json.JSONDecodeError) as error:
         raise WuerstchenError(f"--embeddings={path!r} is not a readable safetensors file: {error}") from None
-    expected_state = torch.Generator().get_state()
-    if state is not None and (state.dtype != expected_state.dtype or state.shape != expected_state.shape):
-        raise WuerstchenError(f"--embeddings={path!r}: its generator_state is not a CPU generator's state")
-    return embeddings, state, metadata
+    state = torch.Generator().get_state()
+    rows = embeddings.shape[0] if embeddings.dim() else 0
+    if states.dtype != state.dtype or tuple(states.shape) != (rows, state.numel()) or \
+            not isinstance(seeds, list) or len(seeds) != rows or not all(_is_seed(s) for s in seeds):
+        raise WuerstchenError(f"{expected}: its generator states or seeds do not match its {rows} embeddings")
+    return embeddings, [row.clone() for row in states], seeds  # a generator takes a state of its own
+
+
+def _is_seed(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
+def _generators(seeds: list[int], states: list | None = None) -> list:
+    """One CPU generator per image: seeded, or continuing where a saved state left off. A seed gives the same
+    noise on every device, and each image's noise is its own, whatever the batch it runs in."""
+    import torch
+
+    if states is not None:
+        generators = [torch.Generator() for _ in states]
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
+        return generators
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
 
 
 def generate(args: argparse.Namespace) -> int:
     import torch
 
+    from engine.memory import check_fits, request_bytes
     from engine.pipeline import WuerstchenPipeline, check_decoder_request, check_image_embeddings, check_prior_request
 
     runtime = resolve_flags(args)
@@ -184,28 +210,36 @@ def generate(args: argparse.Namespace) -> int:
     if args.out is None and args.save_embeddings is None:
         raise WuerstchenError("--out is missing: name the PNG to write (or only --save-embeddings FILE, to run "
                               "the prior alone)")
+    if args.seed is not None and not _is_seed(args.seed):
+        raise WuerstchenError(f"--seed {args.seed}: expected an integer from 0 to 2**64 - 1")
+    if args.batch_size < 1:
+        raise WuerstchenError(f"--batch-size {args.batch_size}: expected a positive integer")
     decoder_args = dict(prompt=args.prompt, negative_prompt=args.negative_prompt,
                         num_inference_steps=recipe.decoder_steps, timesteps=None,
                         guidance_scale=recipe.decoder_guidance, guidance_name="decoder_guidance_scale")
-    stored_state = None
     if args.embeddings is not None:
         for flag in ("height", "width", "prior_steps", "prior_guidance", "save_embeddings"):
             if getattr(args, flag) is not None:
                 raise WuerstchenError(f"--{flag.replace('_', '-')} does not apply with --embeddings: the prior has "
                                       "already run (the size follows from the embeddings)")
-        embeddings, stored_state, _ = read_embeddings(args.embeddings)
+        embeddings, states, stored_seeds = read_embeddings(args.embeddings)
         embeddings = check_image_embeddings(config, embeddings, torch.device("cpu"), torch.float32)
-        decoder = check_decoder_request(config, embeddings.shape, num_images_per_prompt=args.num_images,
-                                        **decoder_args)
-        count = decoder.shapes.batch
+        check_decoder_request(config, embeddings.shape, num_images_per_prompt=args.num_images, **decoder_args)
+        if args.seed is None and args.num_images > 1:
+            raise WuerstchenError("--num-images with --embeddings needs --seed: each saved generator state continues "
+                                  "one image")
+        embeddings = embeddings.repeat_interleave(args.num_images, dim=0)  # one row per image
+        count = embeddings.shape[0]
     else:
         prior = check_prior_request(
             config, prompt=args.prompt, negative_prompt=args.negative_prompt, height=recipe.height,
             width=recipe.width, num_inference_steps=recipe.prior_evaluations, timesteps=recipe.prior_timesteps,
-            guidance_scale=recipe.prior_guidance, num_images_per_prompt=args.num_images,
+            guidance_scale=recipe.prior_guidance, num_images_per_prompt=min(args.num_images, args.batch_size),
             steps_name="prior_num_inference_steps", guidance_name="prior_guidance_scale")
-        check_decoder_request(config, prior.shapes.prior_latent, num_images_per_prompt=1, **decoder_args)
-        count = prior.shapes.batch
+        decoder = check_decoder_request(config, prior.shapes.prior_latent, num_images_per_prompt=1, **decoder_args)
+        check_fits(request_bytes(config, prior.shapes, runtime.dtype, (len(prior.grid) - 1, prior.guidance > 1),
+                                 (len(decoder.grid) - 1, decoder.guidance > 1)), runtime.device)
+        count = args.num_images
     paths = _output_paths(args.out, count) if args.out is not None else []
     if args.save_embeddings is not None:
         _writable_folder("--save-embeddings", args.save_embeddings)
@@ -217,42 +251,48 @@ def generate(args: argparse.Namespace) -> int:
     pipe = WuerstchenPipeline.load(runtime)
     load_seconds = time.perf_counter() - start
 
-    # 3. Generate with a CPU generator, so a seed gives the same noise on every device: the prior, then the
-    #    decoder on its embeddings (what one pipeline call does), or the decoder alone on embeddings from a file.
-    generator = torch.Generator()
-    if args.seed is None and stored_state is not None:
-        generator.set_state(stored_state)  # where the prior that made the embeddings left off
-        seed = None
-    else:
-        seed = secrets.randbelow(2**31) if args.seed is None else args.seed
-        generator.manual_seed(seed)
-    timings = {}
+    # 3. Generate in chunks of --batch-size images, writing each chunk's files as it finishes. Image i has the
+    #    seed --seed + i (so it can be made again alone), or continues the generator state its embedding saved:
+    #    the prior, then the decoder on its embeddings (what one pipeline call does), or the decoder alone.
+    first = secrets.randbelow(2**31) if args.seed is None else args.seed
+    seeds = [(first + i) % 2**64 for i in range(count)]
+    if args.embeddings is not None and args.seed is None:
+        seeds = stored_seeds
     settings = {"prior_num_inference_steps": recipe.prior_evaluations,
                 "prior_timesteps": "published" if recipe.published_prior else "linspace",
                 "prior_guidance_scale": recipe.prior_guidance, "height": recipe.height, "width": recipe.width,
                 "num_inference_steps": recipe.decoder_steps, "decoder_guidance_scale": recipe.decoder_guidance,
-                "num_images_per_prompt": args.num_images,
                 "model": runtime.describe(), "dtype": runtime.precision.value, "device": runtime.device.type}
-    if args.embeddings is None:
-        output = pipe.run_prior(args.prompt, recipe.height, recipe.width, recipe.prior_evaluations,
-                                recipe.prior_timesteps, recipe.prior_guidance, args.negative_prompt, args.num_images,
-                                generator)
-        embeddings, timings = output.image_embeddings, output.timings
-        if args.save_embeddings is not None:
-            write_embeddings(args.save_embeddings, embeddings, generator,
-                             {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": seed,
-                              "settings": json.dumps(settings, sort_keys=True)})
-            print(f"wrote {args.save_embeddings} (image embeddings {tuple(embeddings.shape)}, seed {seed})")
-    else:
+    if args.embeddings is not None:
         settings.update(embeddings=Path(args.embeddings).name, height=None, width=None)
         for key in ("prior_num_inference_steps", "prior_timesteps", "prior_guidance_scale"):
             del settings[key]
-    if paths:
-        output = pipe.run_decoder(embeddings, args.prompt, recipe.decoder_steps, None, recipe.decoder_guidance,
-                                  args.negative_prompt, 1 if args.embeddings is None else args.num_images, generator)
-        for stage, seconds in output.timings.items():
-            timings[stage] = timings.get(stage, 0.0) + seconds
-        _write_pngs(output.images, paths, args, seed, settings)
+    timings: dict[str, float] = {}
+    saved = []
+    for chunk in range(0, count, args.batch_size):
+        rows = slice(chunk, min(chunk + args.batch_size, count))
+        resumed = states[rows] if args.embeddings is not None and args.seed is None else None
+        generators = _generators(seeds[rows], resumed)
+        if args.embeddings is None:
+            output = pipe.run_prior(args.prompt, recipe.height, recipe.width, recipe.prior_evaluations,
+                                    recipe.prior_timesteps, recipe.prior_guidance, args.negative_prompt,
+                                    len(generators), generators)
+            chunk_embeddings = output.image_embeddings
+            _add(timings, output.timings)
+            saved.append((chunk_embeddings, [g.get_state() for g in generators]))  # copies of the states
+        else:
+            chunk_embeddings = embeddings[rows]
+        if paths:
+            output = pipe.run_decoder(chunk_embeddings, args.prompt, recipe.decoder_steps, None,
+                                      recipe.decoder_guidance, args.negative_prompt, 1, generators)
+            _add(timings, output.timings)
+            _write_pngs(output.images, paths[rows], range(rows.start, rows.stop), args, seeds[rows], settings)
+    if args.save_embeddings is not None:
+        all_embeddings = torch.cat([e for e, _ in saved])
+        write_embeddings(args.save_embeddings, all_embeddings, [s for _, states in saved for s in states], seeds,
+                         {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "",
+                          "settings": json.dumps(settings, sort_keys=True)})
+        print(f"wrote {args.save_embeddings} (image embeddings {tuple(all_embeddings.shape)}, seeds from {seeds[0]})")
 
     # 4. Report the time of each stage that ran.
     steps = {"prior": recipe.prior_evaluations, "decoder": recipe.decoder_steps}
@@ -263,24 +303,33 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_pngs(images, paths: list[Path], args: argparse.Namespace, seed: int | None, settings: dict) -> None:
-    """Each image with the settings in its text chunks (nothing time-dependent: same seed, same bytes)."""
+def _add(timings: dict[str, float], more: dict[str, float]) -> None:
+    for stage, seconds in more.items():
+        timings[stage] = timings.get(stage, 0.0) + seconds
+
+
+def _write_pngs(images, paths: list[Path], indices: range, args: argparse.Namespace, seeds: list[int],
+                settings: dict) -> None:
+    """Each image with its seed and the settings in its text chunks (nothing time-dependent: same seed, same
+    bytes), each file written whole or not at all."""
     from PIL.PngImagePlugin import PngInfo
 
-    for index, (image, path) in enumerate(zip(images, paths, strict=True)):
+    from engine.files import atomic_writer
+
+    for index, image, path, seed in zip(indices, images, paths, seeds, strict=True):
         info = PngInfo()
         info.add_text("prompt", args.prompt)
         info.add_text("negative_prompt", args.negative_prompt or "")
-        info.add_text("seed", "" if seed is None else str(seed))
+        info.add_text("seed", str(seed))
         info.add_text("image_index", str(index))
         info.add_text("settings", json.dumps(settings, sort_keys=True))
         try:
-            image.save(path, pnginfo=info)
+            with atomic_writer(path) as file:
+                image.save(file, format="PNG", pnginfo=info)
         except OSError as error:
             reason = error.strerror or error
             raise WuerstchenError(f"--out={args.out!r}: cannot write {str(path)!r}: {reason}") from None
-        shown = f"seed {seed}" if seed is not None else "generator state from --embeddings"
-        print(f"wrote {path} ({image.width}×{image.height}, {shown})")
+        print(f"wrote {path} ({image.width}×{image.height}, seed {seed})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,8 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"decoder guidance, on above 1 (default {published.decoder_guidance:g}: off)")
     gen.add_argument("--num-images", type=int, default=1, metavar="N",
                      help="images to make (default 1); with --embeddings, per embedding")
-    gen.add_argument("--seed", type=int, help="random seed (default: a random one, printed and saved; with "
-                                              "--embeddings, where the prior that made them left off)")
+    gen.add_argument("--batch-size", type=int, default=4, metavar="N",
+                     help="images per call: more images run in chunks of N, each written as it finishes (default 4)")
+    gen.add_argument("--seed", type=int, help="random seed of the first image, the next image's is one more (default: "
+                                              "a random one, printed and saved; with --embeddings, where the prior "
+                                              "that made them left off)")
     gen.add_argument("--save-embeddings", metavar="FILE",
                      help="also write the prior's image embeddings (safetensors) to decode later; without --out, "
                           "run the prior only")
@@ -331,6 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     except WuerstchenError as error:
         print(f"wuerstchen {args.command}: error: {_in_flag_names(str(error))}", file=sys.stderr)
         return 2
+    except (Refused, DeadlineExceeded, RequestFailed) as error:
+        # Not the input's fault (a device error, a deadline): one line, and a status that says "failed".
+        print(f"wuerstchen {args.command}: failed: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Every file is written whole or not at all, so an interrupted command leaves nothing half-written.
+        print(f"wuerstchen {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

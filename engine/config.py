@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,24 @@ _IGNORED_KEYS = {"dropout"}
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise WuerstchenError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_ints(owner: str, names: tuple[str, ...], values) -> None:
+    for name in names:
+        value = getattr(values, name)
+        _require(_is_int(value) and value > 0, f"{owner} {name}={value!r}: expected a positive integer")
+
+
+def _number(owner: str, name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """`value` a finite number in [low, high) (or (low, high) when `low_open`), else a one-line error."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    in_range = number and (value > low if low_open else value >= low) and value < high
+    bounds = f"{'(' if low_open else '['}{low:g}, {high:g})"
+    _require(in_range, f"{owner} {name}={value!r}: expected a finite number in {bounds}")
 
 
 class _FromDict:
@@ -60,9 +79,7 @@ class PriorConfig(_FromDict):
     nhead: int = 24
 
     def __post_init__(self):
-        for name in ("c_in", "c", "c_cond", "c_r", "depth", "nhead"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"prior {name}={value!r}: expected a positive integer")
+        _positive_ints("prior", ("c_in", "c", "c_cond", "c_r", "depth", "nhead"), self)
         _require(self.c % self.nhead == 0, f"prior c={self.c} must be divisible by nhead={self.nhead}")
 
 
@@ -90,11 +107,18 @@ class DecoderConfig(_FromDict):
     kernel_size: int = 3
 
     def __post_init__(self):
-        for name in ("c_in", "c_out", "c_r", "patch_size", "c_cond", "effnet_embd", "clip_embd", "kernel_size"):
+        _positive_ints("decoder", ("c_in", "c_out", "c_r", "patch_size", "c_cond", "effnet_embd", "clip_embd",
+                                   "kernel_size"), self)
+        per_level = {"c_hidden": (lambda v: _is_int(v) and v > 0, "positive integers"),
+                     "nhead": (_is_int, "integers (-1 where a level has no attention)"),
+                     "blocks": (lambda v: _is_int(v) and v >= 0, "integers from 0"),
+                     "level_config": (lambda v: isinstance(v, str), "strings"),
+                     "inject_effnet": (lambda v: isinstance(v, bool), "true or false")}
+        for name, (valid, what) in per_level.items():
             value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"decoder {name}={value!r}: expected a positive integer")
+            _require(isinstance(value, tuple) and value and all(valid(v) for v in value),
+                     f"decoder {name}={value!r}: expected a list of {what}, one per level")
         levels = len(self.c_hidden)
-        _require(levels > 0, "decoder c_hidden=(): expected at least one level")
         for name in ("nhead", "blocks", "level_config", "inject_effnet"):
             value = getattr(self, name)
             _require(len(value) == levels, f"decoder {name}={value!r}: expected {levels} entries, one per level")
@@ -130,10 +154,9 @@ class VQGANConfig(_FromDict):
     scale_factor: float = 0.3764
 
     def __post_init__(self):
-        for name in ("in_channels", "out_channels", "up_down_scale_factor", "levels", "bottleneck_blocks",
-                     "embed_dim", "latent_channels", "num_vq_embeddings"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"vqgan {name}={value!r}: expected a positive integer")
+        _positive_ints("vqgan", ("in_channels", "out_channels", "up_down_scale_factor", "levels", "bottleneck_blocks",
+                                 "embed_dim", "latent_channels", "num_vq_embeddings"), self)
+        _number("vqgan", "scale_factor", self.scale_factor, 0, low_open=True)
         _require(
             self.embed_dim % 2 ** (self.levels - 1) == 0,
             f"vqgan embed_dim={self.embed_dim} must be divisible by 2**(levels-1)={2 ** (self.levels - 1)}",
@@ -153,8 +176,8 @@ class ScheduleConfig(_FromDict):
     s: float = 0.008
 
     def __post_init__(self):
-        _require(self.scaler > 0, f"scheduler scaler={self.scaler}: expected a positive number")
-        _require(0 <= self.s < 1, f"scheduler s={self.s}: expected a number in [0, 1)")
+        _number("scheduler", "scaler", self.scaler, 0, low_open=True)
+        _number("scheduler", "s", self.s, 0, 1)
 
 
 @dataclass(frozen=True)
@@ -167,6 +190,10 @@ class TextEncoderConfig:
     intermediate_size: int
     vocab_size: int = 49408
     max_position_embeddings: int = 77
+
+    def __post_init__(self):
+        _positive_ints("text encoder", ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                        "intermediate_size", "vocab_size", "max_position_embeddings"), self)
 
     def to_transformers(self):
         from transformers import CLIPTextConfig
@@ -198,6 +225,11 @@ class SizeGrid:
     min: int = 128
     max: int = 4096
 
+    def __post_init__(self):
+        _positive_ints("sizes", ("step", "min", "max"), self)
+        _require(self.min <= self.max and not self.min % self.step and not self.max % self.step,
+                 f"sizes min={self.min}, max={self.max}: expected multiples of step={self.step}, min ≤ max")
+
     def describe(self) -> str:
         return f"a multiple of {self.step} from {self.min} to {self.max}"
 
@@ -227,6 +259,15 @@ class WuerstchenConfig:
     sizes: SizeGrid = field(default_factory=SizeGrid)
 
     def __post_init__(self):
+        parts = {"prior": PriorConfig, "decoder": DecoderConfig, "vqgan": VQGANConfig, "sizes": SizeGrid,
+                 "prior_schedule": ScheduleConfig, "decoder_schedule": ScheduleConfig,
+                 "prior_text": TextEncoderConfig, "decoder_text": TextEncoderConfig}
+        for name, expected in parts.items():
+            _require(isinstance(getattr(self, name), expected), f"{name}: expected a {expected.__name__}")
+        _number("pipeline", "latent_mean", self.latent_mean, 0, low_open=True)
+        _number("pipeline", "latent_std", self.latent_std, -math.inf)
+        _number("pipeline", "resolution_multiple", self.resolution_multiple, 1)
+        _number("pipeline", "latent_dim_scale", self.latent_dim_scale, 1)
         # The decoder reads the prior's output only where it injects it; a decoder that injects nothing
         # takes embeddings of any width (diffusers loads and runs that combination too).
         _require(

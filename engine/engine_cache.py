@@ -174,17 +174,18 @@ class EngineCache:
         return stem.with_suffix(".plan"), stem.with_suffix(".json")
 
     def stale_reason(self, graph: str, key: str, tensorrt_version: str | None) -> str | None:
-        """Why the cached plan cannot be used, or None when it can: missing, corrupt, another key, or built
-        by another TensorRT. A plan is never loaded blindly."""
+        """Why the cached plan cannot be used, or None when it can: missing, corrupt, another key, cut short, or
+        built by another TensorRT. A plan is never loaded blindly (and `read_plan` checks its hash)."""
         plan, record = self.paths(graph, key)
         if not plan.is_file() or not record.is_file():
             return "not built yet"
-        try:
-            fields = json.loads(record.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        fields = _read_record(record)
+        if fields is None:
             return f"record {record} is corrupt"
-        if fields.get("key") != key:
+        if fields["key"] != key:
             return f"record {record} is for another key"
+        if plan.stat().st_size != fields["plan_bytes"]:
+            return f"plan {plan} holds {plan.stat().st_size} bytes, its record says {fields['plan_bytes']}"
         with open(plan, "rb") as f:
             start = f.read(28)  # plans are gigabytes: read the header only
         try:
@@ -196,32 +197,57 @@ class EngineCache:
             return f"plan {plan} was built by TensorRT {built_by}, this is {tensorrt_version}"
         return None
 
+    def read_plan(self, graph: str, key: str) -> bytes:
+        """A plan's bytes, checked against the SHA-256 its record holds: TensorRT deserializes what it is given,
+        and a damaged plan may crash the process instead of failing."""
+        plan, record = self.paths(graph, key)
+        data = plan.read_bytes()
+        fields = _read_record(record)
+        if fields is None or hashlib.sha256(data).hexdigest() != fields["plan_sha256"]:
+            raise WuerstchenError(f"engine {plan} was altered: its SHA-256 differs from its record's; rebuild it "
+                                  "with `wuerstchen build`")
+        return data
+
     def compatible(self, plan: EnginePlan) -> list[EnginePlan]:
         """Cached plans for the same graph, weights, precision, TensorRT and GPU as `plan`, whatever their
-        profiles and builder settings (those of an earlier `wuerstchen build`), newest first."""
+        profiles and builder settings (those of an earlier `wuerstchen build`), newest first. Records that do
+        not parse are skipped."""
         identity = ("graph", "onnx_sha256", "precision_recipe", "tensorrt", "onnx_parser", "cuda_major", "gpu")
         found = []
         for record_path in sorted(self.root.glob(f"{plan.graph}-*.json"), key=lambda p: p.stat().st_mtime,
                                   reverse=True):
-            try:
-                fields = json.loads(record_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            fields = _read_record(record_path)
+            if fields is None or not all(fields.get(name) == plan.fields[name] for name in identity):
                 continue
-            if all(fields.get(name) == plan.fields[name] for name in identity) and "key" in fields:
+            try:
                 profiles = [Profile(p["bucket"], {name: tuple(tuple(s) for s in shapes)
                                                   for name, shapes in p["inputs"].items()})
                             for p in fields["profiles"]]
-                found.append(EnginePlan(plan.graph, plan.source, plan.data, plan.onnx, profiles, fields["key"], fields))
+            except (KeyError, TypeError, AttributeError, ValueError, WuerstchenError):
+                continue
+            found.append(EnginePlan(plan.graph, plan.source, plan.data, plan.onnx, profiles, fields["key"], fields))
         return found
 
     def store(self, graph: str, key: str, plan: bytes, record: dict) -> Path:
-        """Write a plan, then its record, each atomically: a reader sees a whole plan or none, and a record
-        only beside the plan it describes."""
+        """Write a plan, then its record with the plan's size and hash, each atomically: a reader sees a whole
+        plan or none, and a record only beside the plan it describes."""
         self.root.mkdir(parents=True, exist_ok=True)
         plan_path, record_path = self.paths(graph, key)
         write_atomically(plan_path, plan)
-        write_atomically(record_path, (json.dumps({**record, "key": key}, indent=1) + "\n").encode())
+        record = {**record, "key": key, "plan_bytes": len(plan), "plan_sha256": hashlib.sha256(plan).hexdigest()}
+        write_atomically(record_path, (json.dumps(record, indent=1) + "\n").encode())
         return plan_path
+
+
+def _read_record(path: Path) -> dict | None:
+    """A plan's record, or None where it is not one: JSON naming its key, the plan's size and hash."""
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    valid = (isinstance(fields, dict) and isinstance(fields.get("key"), str)
+             and type(fields.get("plan_bytes")) is int and isinstance(fields.get("plan_sha256"), str))
+    return fields if valid else None
 
 
 def plan_engines(

@@ -1,5 +1,7 @@
-"""Writing a user's files so that a failure never leaves a truncated file where a good one was: each is
-written to a temporary file in the same folder, flushed to disk, then renamed over the target in one step."""
+"""Files a user gives and files written for a user. A path read from a file (a manifest, a shard index) is
+taken only inside its folder (`inside`). A file written for a user never leaves a truncated file where a good
+one was: it is written to a temporary file in the same folder, flushed to disk, then renamed over the target
+in one step (`atomic_writer`)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,24 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
+
+from engine.errors import WuerstchenError
+
+
+def inside(root: Path, relative: object, field: str) -> Path:
+    """`root / relative` for a relative path that stays inside `root`: no absolute path, no `..`, no link that
+    leads out. Anything else is a one-line error naming the field."""
+    if not isinstance(relative, str) or not relative or "\\" in relative or "\0" in relative:
+        raise WuerstchenError(f"{field}={relative!r}: expected a relative path inside the folder")
+    parts = PurePosixPath(relative)
+    if parts.is_absolute() or ".." in parts.parts:
+        raise WuerstchenError(f"{field}={relative!r}: expected a relative path inside the folder, without '..'")
+    path = root / relative
+    if root.resolve() not in path.resolve().parents:
+        raise WuerstchenError(f"{field}={relative!r} lies outside the folder (through a link)")
+    return path
 
 
 @contextlib.contextmanager

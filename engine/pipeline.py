@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import numbers
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from engine import backends
 from engine.backends import Backend, BackendOptions
 from engine.config import WuerstchenConfig
 from engine.errors import WuerstchenError
+from engine.memory import check_fits, request_bytes
 from engine.precision import Precision
 from engine.requests import Denoising, RequestFuture, RequestState
 from engine.runner import Runner
@@ -89,20 +91,27 @@ class DecoderRequest:
     guidance: float
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise WuerstchenError(f"{name}={value!r}: expected a positive integer")
-    return value
+# Beyond this many steps, neighbouring noise levels are closer than fp16 tells apart (its spacing near 1 is
+# about 5e-4), and a request would only draw noise, not detail.
+MAX_STEPS = 1000
+
+
+def _positive_int(name: str, value, most: int | None = None) -> int:
+    """An integer (NumPy's too) from 1 to `most`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1 or (most and value > most):
+        raise WuerstchenError(f"{name}={value!r}: expected a positive integer{f' up to {most}' if most else ''}")
+    return int(value)
 
 
 def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite real number (NumPy's too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise WuerstchenError(f"{name}={value!r}: expected a finite number")
     return float(value)
 
 
 def _grid(name: str, steps_name: str, steps, timesteps: Sequence[float] | None) -> torch.Tensor:
-    _positive_int(steps_name, steps)
+    steps = _positive_int(steps_name, steps, MAX_STEPS)
     if timesteps is None:
         return timestep_grid(steps)
     expected = "expected a decreasing list of two or more noise levels in [0, 1], e.g. [1.0, 0.5, 0.0]"
@@ -111,9 +120,25 @@ def _grid(name: str, steps_name: str, steps, timesteps: Sequence[float] | None) 
     except (TypeError, ValueError):
         raise WuerstchenError(f"{name}={timesteps!r}: {expected}") from None
     decreasing = all(a > b for a, b in zip(values, values[1:], strict=False))
-    if len(values) < 2 or not decreasing or any(not 0 <= t <= 1 for t in values):
-        raise WuerstchenError(f"{name}={timesteps!r}: {expected}")
+    if not 2 <= len(values) <= MAX_STEPS + 1 or not decreasing or any(not 0 <= t <= 1 for t in values):
+        raise WuerstchenError(f"{name}={_shown(timesteps)}: {expected}, at most {MAX_STEPS + 1}")
     return timestep_grid(len(values) - 1, values)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def _text(name: str, value: str) -> str:
+    """A prompt that a tokenizer can read: valid UTF-8 (a command line's undecodable bytes arrive as lone
+    surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise WuerstchenError(f"{name} holds bytes that are not UTF-8 (at character {error.start}): expected "
+                              "UTF-8 text") from None
+    return value
 
 
 def _prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
@@ -122,14 +147,15 @@ def _prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
     else:
-        raise WuerstchenError(f"prompt={prompt!r}: expected a string or a non-empty list of strings")
+        raise WuerstchenError(f"prompt={_shown(prompt)}: expected a string or a non-empty list of strings")
+    prompts = [_text("prompt", p) for p in prompts]
     if negative_prompt is None:
         return prompts, [""] * len(prompts)
     if isinstance(negative_prompt, str):
-        return prompts, [negative_prompt] * len(prompts)
+        return prompts, [_text("negative_prompt", negative_prompt)] * len(prompts)
     if isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt):
         if len(negative_prompt) == len(prompts):
-            return prompts, list(negative_prompt)
+            return prompts, [_text("negative_prompt", p) for p in negative_prompt]
         raise WuerstchenError(
             f"negative_prompt has {len(negative_prompt)} entries for {len(prompts)} prompts: expected one per "
             "prompt, or a single string"
@@ -387,6 +413,9 @@ class WuerstchenPipeline:
             initial, noise = draw_denoising_noise(latent_shape, schedule.num_steps, generator, cpu, dtype)
             return Denoising(schedule, initial, noise, request.guidance, tuple(latent_shape[2:]))
 
+        shapes = (prior or decoder).shapes
+        check_fits(request_bytes(config, shapes, dtype, prior and (len(prior.grid) - 1, prior.guidance > 1),
+                                 decoder and (len(decoder.grid) - 1, decoder.guidance > 1)), self.device)
         # The prior's draws first, then the decoder's: the order of a call.
         prior_denoising = denoising(prior, config.prior_schedule, prior.shapes.prior_latent) if prior else None
         decoder_denoising = denoising(decoder, config.decoder_schedule, decoder.shapes.decoder_latent) \

@@ -8,6 +8,7 @@ this module, so a shape is never written twice (NVIDIA's demo uses `h // 42` whe
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ def check_image_size(config: WuerstchenConfig, height: int, width: int) -> None:
     """Raise a one-line error unless (height, width) lies on the model's size grid."""
     grid = config.sizes
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise WuerstchenError(f"{name}={value!r}: expected an integer, {grid.describe()}")
         if value % grid.step:
             raise WuerstchenError(f"{name}={value} is off the model's size grid: expected {grid.describe()}")
@@ -45,6 +46,7 @@ def check_image_size(config: WuerstchenConfig, height: int, width: int) -> None:
 def image_shapes(config: WuerstchenConfig, height: int, width: int, batch: int = 1) -> Shapes:
     """Every shape of a request, computed exactly as diffusers' Würstchen pipelines do."""
     check_image_size(config, height, width)
+    height, width = int(height), int(width)  # NumPy's integers too
     prior_hw = (math.ceil(height / config.resolution_multiple), math.ceil(width / config.resolution_multiple))
     decoder_hw = _decoder_hw(config, prior_hw)
     decoder = config.decoder

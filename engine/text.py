@@ -56,9 +56,10 @@ class TextEncoder:
         for prompt in prompts:
             ids = self.tokenizer(prompt).input_ids
             if len(ids) > TEXT_TOKENS:
-                cut = self.tokenizer.decode(ids[TEXT_TOKENS - 1 : -1])
+                kept = self.tokenizer.decode(ids[1:TEXT_TOKENS - 1])
                 warnings.warn(
-                    f"prompt is longer than CLIP's {TEXT_TOKENS} tokens; this part was cut: {cut!r}",
+                    f"prompt is longer than CLIP's {TEXT_TOKENS} tokens: its last {len(ids) - TEXT_TOKENS} tokens were "
+                    f"cut, after {_ellipsis(kept[-40:])!r}",
                     PromptTruncatedWarning,
                     stacklevel=4,
                 )
@@ -68,6 +69,10 @@ class TextEncoder:
     def __call__(self, prompts: list[str]) -> torch.Tensor:
         input_ids, attention_mask = self.tokenize(prompts)
         return self.transformer(input_ids.to(self.device), attention_mask.to(self.device))
+
+
+def _ellipsis(text: str) -> str:
+    return text if len(text) < 40 else "…" + text[1:]
 
 
 def text_encoder_config(folder: Path) -> TextEncoderConfig:
@@ -80,8 +85,10 @@ def text_encoder_config(folder: Path) -> TextEncoderConfig:
         return TextEncoderConfig(**{k: values[k] for k in (
             "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
             "max_position_embeddings")})
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise WuerstchenError(f"config file {path} is not a CLIP text config: {error!r}") from None
+    except WuerstchenError as error:
+        raise WuerstchenError(f"config file {path}: {error}") from None
 
 
 def _checkpoint_variant(folder: Path, variant: str | None) -> str | None:

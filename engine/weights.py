@@ -9,6 +9,7 @@ shape against the config, and assigned: loading costs the disk read.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from torch import nn
 
 from engine.config import DecoderConfig, PriorConfig, ScheduleConfig, VQGANConfig, WuerstchenConfig
 from engine.errors import WuerstchenError
+from engine.files import inside
 from engine.models.vqgan import ENCODER_PREFIXES
 from engine.text import text_encoder_config
 
@@ -100,11 +102,15 @@ def _checkpoint_files(folder: Path, variant: str | None) -> list[Path]:
 
 
 def _shards(index: Path) -> list[Path]:
+    """The shard files an index names, each a file inside the index's own folder."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
         raise WuerstchenError(f"shard index {index} is not valid: expected JSON with a weight_map ({error})") from None
-    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    if not names or not all(isinstance(name, str) for name in names):
+        raise WuerstchenError(f"shard index {index}: weight_map is not an object of tensor names to shard files")
+    shards = [inside(index.parent, name, f"shard index {index}: a shard") for name in sorted(names)]
     for shard in shards:
         if not shard.is_file():
             raise WuerstchenError(f"shard {shard} listed in {index.name} does not exist")
@@ -206,6 +212,8 @@ def random_stage(
     return build_with_weights(model_class, config, state)
 
 
+# The pipelines' constants in model_index.json: the prior's three, then the decoder's.
+CONSTANTS = ("latent_mean", "latent_std", "resolution_multiple", "latent_dim_scale")
 PRIOR_LAYOUT = ("prior", "text_encoder", "tokenizer", "scheduler")  # warp-ai/wuerstchen-prior
 DECODER_LAYOUT = ("decoder", "vqgan", "text_encoder", "tokenizer", "scheduler")  # warp-ai/wuerstchen
 
@@ -242,6 +250,11 @@ def read_config(prior: str | Path, decoder: str | Path) -> WuerstchenConfig:
     decoder_root = check_layout(decoder, "decoder", DECODER_LAYOUT, "warp-ai/wuerstchen")
     prior_index, decoder_index = read_model_index(prior_root), read_model_index(decoder_root)
     defaults = WuerstchenConfig.__dataclass_fields__
+    for root, index, keys in ((prior_root, prior_index, CONSTANTS[:3]), (decoder_root, decoder_index, CONSTANTS[3:])):
+        for key in keys:
+            value = index.get(key, defaults[key].default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise WuerstchenError(f"{root / 'model_index.json'}: {key}={value!r}: expected a positive number")
     return WuerstchenConfig(
         prior=PriorConfig.from_json(prior_root / "prior" / "config.json"),
         decoder=DecoderConfig.from_json(decoder_root / "decoder" / "config.json"),
@@ -252,7 +265,5 @@ def read_config(prior: str | Path, decoder: str | Path) -> WuerstchenConfig:
         decoder_schedule=ScheduleConfig.from_json(decoder_root / "scheduler" / "scheduler_config.json"),
         # The pipelines' own constants, as diffusers' WuerstchenPriorPipeline and DecoderPipeline store them.
         **{key: index.get(key, defaults[key].default) for index, keys in (
-            (prior_index, ("latent_mean", "latent_std", "resolution_multiple")),
-            (decoder_index, ("latent_dim_scale",)),
-        ) for key in keys},
+            (prior_index, CONSTANTS[:3]), (decoder_index, CONSTANTS[3:])) for key in keys},
     )

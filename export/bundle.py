@@ -9,6 +9,9 @@ import contextlib
 import io
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +24,7 @@ from engine.backends import Backend
 from engine.bundle import FORMAT, FORMAT_VERSION, MANIFEST, TENSOR_DTYPE_NAMES, sha256
 from engine.config import SizeGrid, WuerstchenConfig
 from engine.errors import WuerstchenError
+from engine.files import write_atomically
 from engine.models.blocks import attention_implementation
 from engine.models.decoder import injected_levels
 from engine.pipeline import WuerstchenPipeline
@@ -150,7 +154,7 @@ def export_bundle(
     if pipe.backend is not Backend.TORCH:
         raise WuerstchenError(f"the pipeline runs on backend {pipe.backend.value!r}: export one on 'torch' (its "
                               "Triton kernels and CUDA graphs are not ONNX)")
-    config, grid = pipe.config, pipe.config.sizes
+    grid = pipe.config.sizes
     for name, value in (("min_size", min_size), ("max_size", max_size)):
         on_grid = isinstance(value, int) and not isinstance(value, bool) and value % grid.step == 0
         if not on_grid or not grid.min <= value <= grid.max:
@@ -159,10 +163,32 @@ def export_bundle(
         raise WuerstchenError(f"min_size={min_size} is above max_size={max_size}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise WuerstchenError(f"--out={str(out)!r} exists and is not an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    bundle_grid = SizeGrid(step=grid.step, min=min_size, max=max_size)
-    opset = OPSETS[pipe.precision]
+    # Everything is written into a staging folder beside `out`, renamed to it whole at the end: an export that
+    # fails or is interrupted leaves nothing that loads, and two exports into one folder cannot mix.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    except OSError as error:
+        raise WuerstchenError(f"--out={str(out)!r}: cannot write in {str(out.parent)!r}: "
+                              f"{error.strerror or error}") from None
+    try:
+        manifest = _write_bundle(pipe, staging, sources, SizeGrid(step=grid.step, min=min_size, max=max_size),
+                                 progress)
+        try:
+            os.replace(staging, out)  # over an empty folder too
+        except OSError as error:
+            raise WuerstchenError(f"--out={str(out)!r}: another export filled it meanwhile "
+                                  f"({error.strerror or error})") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
 
+
+def _write_bundle(pipe: WuerstchenPipeline, out: Path, sources: dict, bundle_grid: SizeGrid, progress) -> dict:
+    """Every graph, the tokenizers and the manifest into the folder `out`; the manifest."""
+    config = pipe.config
+    opset = OPSETS[pipe.precision]
     graphs, files = {}, []
     for name, spec in graph_specs(pipe).items():
         start = time.perf_counter()
@@ -199,7 +225,7 @@ def export_bundle(
         "graphs": graphs,
         "files": {relative: sha256(out / relative) for relative in sorted(set(files))},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    write_atomically(out / MANIFEST, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
     return manifest
 
 

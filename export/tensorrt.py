@@ -113,7 +113,7 @@ def build_engines(plans: Sequence[EnginePlan], settings: BuildSettings, cache: E
         start = time.perf_counter()
         prepare_graph(plan, settings.precision)
         data = build_plan(plan.onnx, plan.profiles, settings)
-        record = {**plan.fields, "build_seconds": time.perf_counter() - start, "plan_bytes": len(data)}
+        record = {**plan.fields, "build_seconds": time.perf_counter() - start}
         paths.append(cache.store(plan.graph, plan.key, data, record))
         progress(f"built {plan.graph}: {len(data) / 1e6:.1f} MB in {record['build_seconds']:.0f} s")
     return paths
@@ -121,7 +121,7 @@ def build_engines(plans: Sequence[EnginePlan], settings: BuildSettings, cache: E
 
 def build_command(args) -> int:
     """`wuerstchen build BUNDLE`: plan every engine; with --check print the plan, else build what is missing."""
-    bundle = open_bundle(args.bundle, check_hashes=not args.check)
+    bundle = open_bundle(args.bundle)
     settings = BuildSettings(
         precision=tensorrt_precision(args.dtype, bundle.precision), max_batch=args.max_batch,
         optimization_level=args.opt_level,

@@ -150,7 +150,7 @@ def test_embeddings_saved_then_decoded_make_the_image_of_one_run(tmp_path, capsy
     assert main(["generate", "a cat", "--out", str(whole), "--seed", "7", "--num-images", "2", *FAST]) == 0
     assert main(["generate", "a cat", "--save-embeddings", str(saved), "--seed", "7", "--num-images", "2",
                  *FAST]) == 0
-    assert f"wrote {saved} (image embeddings (2, 16, 3, 6), seed 7)" in capsys.readouterr().out
+    assert f"wrote {saved} (image embeddings (2, 16, 3, 6), seeds from 7)" in capsys.readouterr().out
     assert not list(tmp_path.glob("split*"))  # without --out, the prior alone
     assert main(["generate", "a cat", "--embeddings", str(saved), "--out", str(split), "--decoder-steps", "2"]) == 0
     for index in range(2):

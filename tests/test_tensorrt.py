@@ -213,10 +213,21 @@ def test_engine_cache_uses_a_plan_only_when_everything_matches(tmp_path):
     assert cache.stale_reason("prior_step", "k" * 64, "10.12.0.36") is None
     assert "built by TensorRT 10.12.0.36, this is 11.1.0.106" in cache.stale_reason("prior_step", "k" * 64,
                                                                                     "11.1.0.106")
+    assert cache.read_plan("prior_step", "k" * 64) == _plan_bytes()
     plan_path.write_bytes(b"truncated")
+    assert cache.stale_reason("prior_step", "k" * 64, "10.12.0.36") == (
+        f"plan {plan_path} holds 9 bytes, its record says {len(_plan_bytes())}")
+    plan_path.write_bytes(b"GIF89a" + bytes(len(_plan_bytes()) - 6))  # the right size, not a plan
     assert cache.stale_reason("prior_step", "k" * 64, "10.12.0.36").startswith(f"{plan_path} is not a TensorRT plan")
-    plan_path.with_suffix(".json").write_text("{not json")
-    assert "is corrupt" in cache.stale_reason("prior_step", "k" * 64, "10.12.0.36")
+    altered = bytearray(_plan_bytes())
+    altered[-1] ^= 1  # a valid header, a damaged body: only the hash tells
+    plan_path.write_bytes(bytes(altered))
+    assert cache.stale_reason("prior_step", "k" * 64, "10.12.0.36") is None
+    with pytest.raises(WuerstchenError, match=rf"^engine {re.escape(str(plan_path))} was altered: its SHA-256"):
+        cache.read_plan("prior_step", "k" * 64)
+    for record in ("{not json", "[1, 2]", json.dumps({"key": "k" * 64})):
+        plan_path.with_suffix(".json").write_text(record)
+        assert "is corrupt" in cache.stale_reason("prior_step", "k" * 64, "10.12.0.36")
 
 
 def test_plans_cover_every_graph_and_convert_precision_only_when_building(tiny_bundle, tmp_path):
@@ -249,7 +260,9 @@ def test_runtime_finds_engines_an_earlier_build_made_with_other_profiles(tiny_bu
     cache.store(built.graph, built.key, _plan_bytes(), built.fields)
     elsewhere = plan_engines(bundle, BuildSettings(), cache, env={**ENV, "gpu": None}, graphs=("prior_step",))[0]
     cache.store(elsewhere.graph, elsewhere.key, _plan_bytes(), elsewhere.fields)  # another GPU's plan
-    found = cache.compatible(default)
+    broken = plan_engines(bundle, BuildSettings(max_batch=3), cache, env=ENV)[2]
+    cache.store(broken.graph, broken.key, _plan_bytes(), {**broken.fields, "profiles": "every size"})
+    found = cache.compatible(default)  # neither another GPU's plan nor a record whose profiles do not parse
     assert [plan.key for plan in found] == [built.key]
     assert found[0].profiles == built.profiles and found[0].profiles[1].static
 

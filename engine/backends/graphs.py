@@ -50,7 +50,7 @@ def graph_stages(bundle: Bundle, graph: Callable[[str], Graph], device: torch.de
     from transformers import AutoTokenizer
 
     def text(stage: str) -> TextEncoder:
-        tokenizer = AutoTokenizer.from_pretrained(bundle.path(bundle.manifest["tokenizers"][stage]))
+        tokenizer = AutoTokenizer.from_pretrained(bundle.tokenizer(stage))
         transformer = graph(f"{stage}_text")
         return TextEncoder(tokenizer, lambda ids, mask: transformer(ids, mask)[0], device)
 

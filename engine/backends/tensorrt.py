@@ -203,7 +203,7 @@ def load(runtime: Runtime) -> tuple[WuerstchenConfig, Stages]:
         entry = bundle.graph(graph_name)
         expected = sorted(t["name"] for t in (*entry["inputs"], *entry["outputs"]))
         path = cache.paths(graph_name, plan.key)[0]
-        engine = runtime_trt.deserialize_cuda_engine(path.read_bytes())
+        engine = runtime_trt.deserialize_cuda_engine(cache.read_plan(graph_name, plan.key))
         if engine is None or sorted(engine.get_tensor_name(i) for i in range(engine.num_io_tensors)) != expected:
             problem = "could not be deserialized" if engine is None else "has other inputs and outputs"
             if build is None:
@@ -213,7 +213,7 @@ def load(runtime: Runtime) -> tuple[WuerstchenConfig, Stages]:
             plan = next(p for p in plan_engines(bundle, settings, cache, graphs=(graph_name,)))
             build([plan])
             path = cache.paths(graph_name, plan.key)[0]
-            engine = runtime_trt.deserialize_cuda_engine(path.read_bytes())
+            engine = runtime_trt.deserialize_cuda_engine(cache.read_plan(graph_name, plan.key))
             if engine is None:
                 raise WuerstchenError(f"engine {path} could not be deserialized even after a rebuild")
         loaded[graph_name] = (engine, plan.profiles)
