@@ -10,7 +10,8 @@ folder of their own, offline); tests (tests/test_fast.py and tests/test_fused.py
 numbers, autotuning, graph capture); fusions (`benchmarks.fusions`: which fusion switches ship); e2e
 (`wuerstchen bench`: torch, torch-fast and diffusers eager in one process, 1024², batch 1 and 4, fp16);
 attention (`benchmarks.attention`: the Triton kernel against SDPA); kernels (`benchmarks.kernel_profile`:
-kernel time by kind); then, only when time is left, load (`wuerstchen bench --load`: the step scheduler's
+kernel time by kind); then, only when time is left, quant (`benchmarks.quant_kernels`: the fp8 and int8
+GEMMs against cuBLAS bf16), load (`wuerstchen bench --load`: the step scheduler's
 images/s at saturation and p99 at 80 % of it, against one request at a time) and e2e-compile (diffusers +
 torch.compile).
 
@@ -194,6 +195,11 @@ def parse_kernels(path: Path) -> dict:
     return {"size": raw["size"], "dtype": raw["dtype"], "rows": raw["rows"]}
 
 
+def parse_quant(path: Path) -> dict:
+    raw = json.loads(path.read_text())
+    return {"size": raw["size"], "rows": raw["rows"], "fp8_gemm_measured": raw["fp8_gemm_measured"]}
+
+
 def parse_load(path: Path) -> dict:
     raw = json.loads(path.read_text())
     return {"workload": raw["workload"], "measurements": raw["measurements"]}
@@ -208,7 +214,7 @@ def plan(raw: Path, site: Path, wheel_folder: Path, dry_run: bool = False) -> li
     install = (python, "-m", "benchmarks.wheels", "install", "--wheels", str(wheel_folder), "--site", str(site),
                "--json", str(raw / "install.json"))
     tests = (python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=short", "tests/test_fast.py",
-             "tests/test_fused.py", "--junitxml", str(raw / "tests.xml"))
+             "tests/test_fused.py", "tests/test_quant_kernels.py", "--junitxml", str(raw / "tests.xml"))
     if dry_run:
         install += ("--require", "wuerstchen_probe==0.0.0")
         tests = (*tests[:3], "--collect-only", "-qq", *tests[4:])  # -qq: a count per file, not every test's name
@@ -226,6 +232,8 @@ def plan(raw: Path, site: Path, wheel_folder: Path, dry_run: bool = False) -> li
                  (python, "-m", "benchmarks.attention", "--help"), 25),
             Step("kernels", "the kernel profile's command line", (python, "-m", "benchmarks.kernel_profile", "--help"),
                  65),
+            Step("quant", "the quantized GEMM benchmark's command line",
+                 (python, "-m", "benchmarks.quant_kernels", "--help"), 40, optional=True),
             Step("load", "the scheduler under load, the tiny preset on the CPU",
                  (*bench, "--preset", "tiny", "--device", "cpu", "--load", "--sizes", "128", "--prior-steps", "2",
                   "--decoder-steps", "2", "--concurrency", "1", "2", "--requests", "2", "--json",
@@ -249,6 +257,9 @@ def plan(raw: Path, site: Path, wheel_folder: Path, dry_run: bool = False) -> li
         Step("kernels", "each step's kernel time by kind, for torch, torch-fast and diffusers",
              (python, "-m", "benchmarks.kernel_profile", "--dtype", "fp16", "--json", str(raw / "kernels.json")), 65,
              raw / "kernels.json", parse_kernels),
+        Step("quant", "the fp8 and int8 GEMMs against cuBLAS bf16 at the model's Linears, 1024² (when time is left)",
+             (python, "-m", "benchmarks.quant_kernels", "--json", str(raw / "quant.json")), 40, raw / "quant.json",
+             parse_quant, optional=True),
         Step("load", "the step scheduler under load on torch-fast at 1024²: images/s at saturation, p99 at 80 % "
                      "of it, against one request at a time (when time is left)",
              (*bench, *E2E[:6], "--sizes", "1024", "--backend", "torch-fast", "--load", "--concurrency", "1", "2",

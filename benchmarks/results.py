@@ -262,6 +262,16 @@ def summary_markdown(run: dict) -> str:
                  *(f"{row['by_kind_ms'].get(kind, 0.0):.2f}" for kind in kinds)]
                 for target, stages in kernels.items() for stage, row in stages.items()])
 
+    quant = step_results(run, "quant").get("rows")
+    if quant:
+        lines += ["", "## Quantized GEMMs against cuBLAS bf16 (µs, speedup)", ""] + _table(
+            ["stage", "layers", "(M, N, K)", "bf16", "cuBLAS fp8", "Triton fp8", "int8 weight-only", "quantize"], [
+                [row["stage"], str(row["layers"]), f"({row['m']}, {row['n']}, {row['k']})",
+                 f"{row['ms']['bf16'] * 1e3:.1f}",
+                 *(f"{row['ms'][key] * 1e3:.1f} ({row['ms']['bf16'] / row['ms'][key]:.2f}×)" if key in row["ms"]
+                   else "–" for key in ("cublas_fp8", "triton_fp8", "int8")),
+                 f"{row['ms']['quantize'] * 1e3:.1f}" if "quantize" in row["ms"] else "–"] for row in quant])
+
     for found in run["steps"]:
         if found["status"] in ("failed", "timed out") and found.get("tail"):
             lines += ["", f"## {found['name']}: {found['status']}, the end of its output", "", "```",

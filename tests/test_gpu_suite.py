@@ -36,10 +36,11 @@ def gpu_plan(tmp_path: Path) -> list[Step]:
 
 def test_the_plan_runs_the_issue_commands_in_order_within_eight_minutes(tmp_path):
     steps = gpu_plan(tmp_path)
-    assert [step.name for step in steps] == ["install", "tests", "fusions", "e2e", "attention", "kernels", "load",
-                                             "e2e-compile"]
+    assert [step.name for step in steps] == ["install", "tests", "fusions", "e2e", "attention", "kernels", "quant",
+                                             "load", "e2e-compile"]
     commands = {step.name: " ".join(step.command) for step in steps}
-    assert "-m pytest" in commands["tests"] and "tests/test_fast.py tests/test_fused.py" in commands["tests"]
+    assert "-m pytest" in commands["tests"]
+    assert "tests/test_fast.py tests/test_fused.py tests/test_quant_kernels.py" in commands["tests"]
     assert "-m benchmarks.fusions --dtype fp16 --json" in commands["fusions"]
     for flags in ("bench --preset wuerstchen-v2 --device cuda --dtype fp16 --sizes 1024", "--batch 1 4",
                   "--backend torch torch-fast --baseline diffusers --json"):
@@ -49,12 +50,13 @@ def test_the_plan_runs_the_issue_commands_in_order_within_eight_minutes(tmp_path
     assert "-m benchmarks.kernel_profile --dtype fp16" in commands["kernels"]
     assert "--sizes 1024 --backend torch-fast --load --concurrency 1 2 4 8" in commands["load"]
     assert all(step.output is not None and step.parse is not None for step in steps)
-    assert [step.name for step in steps if step.optional] == ["load", "e2e-compile"]
+    assert "-m benchmarks.quant_kernels --json" in commands["quant"]
+    assert [step.name for step in steps if step.optional] == ["quant", "load", "e2e-compile"]
 
     limits = time_limits(steps, gpu_suite.DEFAULT_BUDGET_S)
     assert limits == {"install": 20, "tests": 120, "fusions": 80, "e2e": 170, "attention": 25, "kernels": 65,
-                      "load": 150, "e2e-compile": 240}
-    assert sum(limit for name, limit in limits.items() if name not in ("load", "e2e-compile")) == 480
+                      "quant": 40, "load": 150, "e2e-compile": 240}
+    assert sum(limit for name, limit in limits.items() if name not in ("quant", "load", "e2e-compile")) == 480
     halved = time_limits(steps, 240)
     assert halved["e2e"] == 85 and halved["tests"] == 60 and halved["e2e-compile"] == 240
 
@@ -69,7 +71,7 @@ def test_only_picks_steps_in_order_after_the_install(tmp_path):
     limits = time_limits(named, 260)
     assert limits == {"install": 20, "e2e-compile": 240}
     with pytest.raises(WuerstchenError, match=r"^--only nope: expected any of install, tests, fusions, e2e, "
-                                              r"attention, kernels, load, e2e-compile$"):
+                                              r"attention, kernels, quant, load, e2e-compile$"):
         select(steps, ["tests,nope"])
     with pytest.raises(WuerstchenError, match=r"^--budget -5: expected a positive number of seconds$"):
         time_limits(steps, -5)
@@ -453,7 +455,7 @@ def test_the_dry_run_installs_runs_every_step_and_writes_outside_the_repository(
     assert gpu_suite.main(["--dry-run", "--out", str(tmp_path)]) == 0
     output = capsys.readouterr().out
     assert sorted(path.name for path in results.RESULTS.iterdir()) == before
-    assert "the plan on an H100/H200 (budget 480 s): 8 steps, 480 s planned" in output
+    assert "the plan on an H100/H200 (budget 480 s): 9 steps, 480 s planned" in output
     assert "  e2e-compile   ≥240 s if left  python -m engine.cli bench --preset wuerstchen-v2 --device cuda" in output
     [path] = tmp_path.glob("*-dry-run.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".md").name,
