@@ -24,19 +24,26 @@ setup(
     ],
     extras_require={
         # diffusers is the numerical oracle of the tests, never a runtime dependency.
-        "test": ["pytest>=8", "hypothesis>=6", "diffusers==0.42.1", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18",
-                 "polygraphy>=0.49", "onnx-graphsurgeon>=0.6", "triton>=3.2", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "hypothesis>=6", "diffusers==0.42.1", "onnx>=1.16", "onnxscript>=0.3",
+                 "onnxruntime>=1.18", "polygraphy>=0.49", "onnx-graphsurgeon>=0.6", "triton>=3.2", "matplotlib>=3.7",
+                 # the server's tests: the service, an OpenAI client against it, and two replicas on Ray Serve
+                 "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "prometheus_client>=0.20", "openai>=1.30",
+                 "ray[serve]>=2.60,<3"],
         "bench": ["diffusers==0.42.1", "matplotlib>=3.7"],
         "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18", "polygraphy>=0.49", "onnx-graphsurgeon>=0.6"],
         # tensorrt comes from NVIDIA's index (https://pypi.nvidia.com); polygraphy 0.53 reads TensorRT 11 plans.
         "tensorrt": ["tensorrt>=10.1", "polygraphy>=0.53"],
         "gpu": ["onnxruntime-gpu>=1.18"],
+        # `wuerstchen serve` (httpx is also the HTTP client of `wuerstchen bench --load --url`).
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20", "httpx>=0.27"],
+        # `wuerstchen serve --ray`: 2.60 brought BackpressureConfig (429 on a full queue) and late-bound ingress apps.
+        "ray": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20", "httpx>=0.27", "ray[serve]>=2.60,<3"],
     },
     entry_points={
         "console_scripts": ["wuerstchen=engine.cli:main"],
         # Subcommands of the layers above the runtime, which `engine.cli` finds here without importing them.
         "wuerstchen.commands": ["export = export.cli:add_export", "build = export.cli:add_build",
-                                "bench = benchmarks.bench:add_parser"],
+                                "bench = benchmarks.bench:add_parser", "serve = engine.serving:add_parser"],
         # The engine builder that the TensorRT runtime uses when asked to build missing engines on load.
         "wuerstchen.builders": ["tensorrt = export.tensorrt:build_engines"],
     },

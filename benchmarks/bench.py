@@ -331,6 +331,8 @@ def add_parser(commands) -> None:
     load.add_argument("--mix", metavar="FILE.json", help="a list of workloads (height, width, prior_steps, "
                                                          "decoder_steps, prior_guidance, decoder_guidance, images, "
                                                          "weight); default: the recipe at every --sizes entry")
+    load.add_argument("--url", metavar="URL", help="send the mix over HTTP to a `wuerstchen serve` on this machine "
+                                                   "(http://127.0.0.1:PORT) instead of running the model here")
     bench.set_defaults(run=command)
 
 
@@ -354,7 +356,8 @@ def load_command(args, options: Options) -> int:
             check_image_size(config, workload.height, workload.width)
         except WuerstchenError as error:
             raise WuerstchenError(f"--mix entry {i}: {error}") from None
-    pipe = build_engine(runtime)
+    pipe = load.HttpPipeline(args.url) if args.url else build_engine(runtime)
+    runtime = pipe.runtime  # with --url, what the server runs
     origin = provenance(runtime.device)
     rows = load.run(pipe, mix, list(args.concurrency), args.requests, args.rate,
                     progress=lambda line: print(line, file=sys.stderr))

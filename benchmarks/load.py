@@ -9,23 +9,29 @@ recipe at every --sizes entry) with seeds of their own. Three measurements:
 - open loop: Poisson arrivals at a rate (by default 80 % of saturation), the latency a service sees.
 Each reports images/s, latency percentiles, queueing against compute (`WuerstchenOutput.compute_s`), batch
 occupancy, padding and refusals.
+
+With `--url`, the same measurements run over HTTP against a `wuerstchen serve` on this machine (`HttpPipeline`):
+the client threads send the mix to /v1/images/generations, and the batching counters come from /metrics.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from engine.errors import WuerstchenError
 from engine.recipe import Recipe
-from engine.scheduler import Refused
+from engine.scheduler import DeadlineInfeasible, QueueFull, Refused, SchedulerUnhealthy
 
 PROMPTS = ("a photograph of a lighthouse on a cliff at dusk", "an astronaut riding a horse, oil painting",
            "a bowl of ramen, studio lighting", "a red fox in the snow")
@@ -247,3 +253,101 @@ def record(rows: list[dict], mix: list[Workload], origin: dict, runtime) -> dict
     return {"provenance": origin, "workload": {"runtime": runtime.describe(), "mix": [asdict(w) for w in mix]},
             "measurements": rows}
 
+
+
+# --- over HTTP (`--url`): the same mix to a `wuerstchen serve` on this machine ---------------------------
+
+# What a server refuses at submit, by status and error code, as the scheduler's refusals. Ray's proxy answers a
+# full queue with a bare 429.
+REFUSALS = {(429, "queue_full"): QueueFull, (429, None): QueueFull, (503, "unhealthy"): SchedulerUnhealthy,
+            (504, "deadline"): DeadlineInfeasible}
+
+
+@dataclass(frozen=True)
+class ServerRuntime:
+    """What a server says it runs (`GET /v1/models`), where a load record names the runtime."""
+
+    description: str
+    device: object  # torch.device
+
+    def describe(self) -> str:
+        return f"{self.description}, served over HTTP"
+
+
+@dataclass(frozen=True)
+class HttpOutput:
+    compute_s: float
+
+
+class HttpError(RuntimeError):
+    """A request the server took and failed (or answered with an error that is not a refusal)."""
+
+
+class HttpPipeline:
+    """The pipeline `run` measures, over HTTP: `submit` sends one request to a server's
+    /v1/images/generations and returns its answer as a finished future; `stats` reads the scheduler's
+    counters from /metrics. Loopback only: the load test never leaves this machine. An API key is read from
+    WUERSTCHEN_API_KEY."""
+
+    def __init__(self, url: str, timeout: float = 600.0):
+        import httpx
+        import torch
+
+        from engine.serving import API_KEY_VARIABLE, is_loopback
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or not is_loopback(parts.hostname):
+            raise WuerstchenError(f"--url={url!r}: the load test runs against a server on this machine only: expected "
+                                  "http://127.0.0.1:PORT, http://[::1]:PORT or http://localhost:PORT")
+        key = os.environ.get(API_KEY_VARIABLE)
+        self.client = httpx.Client(base_url=url, timeout=timeout, limits=httpx.Limits(max_connections=1024),
+                                   headers={"Authorization": f"Bearer {key}"} if key else {})
+        try:
+            model = self.client.get("/v1/models").raise_for_status().json()["data"][0]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
+            raise WuerstchenError(f"--url={url!r}: no `wuerstchen serve` answers there ({error})") from None
+        self.runtime = ServerRuntime(model["description"], torch.device(model["device"]))
+
+    def submit(self, prompt: str, *, seed: int, height: int, width: int, prior_num_inference_steps: int,
+               prior_timesteps, prior_guidance_scale: float, num_inference_steps: int,
+               decoder_guidance_scale: float, num_images_per_prompt: int, **_) -> Future:
+        body = {"prompt": prompt, "seed": seed, "size": f"{width}x{height}", "n": num_images_per_prompt,
+                "decoder_steps": num_inference_steps, "prior_guidance": prior_guidance_scale,
+                "decoder_guidance": decoder_guidance_scale}
+        if prior_timesteps is None:  # evenly spaced steps; else the published schedule, the server's default
+            body["prior_steps"] = prior_num_inference_steps
+        response = self.client.post("/v1/images/generations", json=body)
+        future = Future()
+        if response.status_code == 200:
+            future.set_result(HttpOutput(_compute_seconds(response.headers.get("server-timing", ""))))
+            return future
+        error = response.json().get("error", {}) if response.headers.get("content-type") == "application/json" \
+            else {}
+        message = error.get("message") or response.text[:200]
+        refusal = REFUSALS.get((response.status_code, error.get("code")))
+        if refusal is not None:
+            raise refusal(message, retry_after=float(response.headers.get("retry-after", 0)) or None)
+        future.set_exception(HttpError(f"HTTP {response.status_code}: {message}"))
+        return future
+
+    def stats(self) -> dict:
+        """The scheduler's batching counters, from the server's /metrics."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.client.get("/metrics").raise_for_status().text
+        values = {sample.name: sample.value for family in text_string_to_metric_families(text)
+                  for sample in family.samples}
+        return {name: values.get(f"wuerstchen_scheduler_{name}_total", 0.0) for name in ("batched_ticks", "rows",
+                                                                                         "padding")}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _compute_seconds(server_timing: str) -> float:
+    """The request's share of the device's time, from the `compute;dur=MS` entry of a Server-Timing header."""
+    for entry in server_timing.split(","):
+        name, _, duration = entry.strip().partition(";dur=")
+        if name == "compute" and duration:
+            return float(duration) / 1e3
+    return math.nan

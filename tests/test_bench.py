@@ -181,3 +181,35 @@ def test_bad_load_arguments_are_one_line(capsys, args, message):
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--load", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_the_load_benchmark_runs_over_http_against_a_server_on_this_machine(tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    from engine import Recipe, WuerstchenPipeline
+    from engine.serving.api import ServerOptions
+    from engine.serving.app import BackgroundServer, Service, create_app
+
+    pipe = WuerstchenPipeline.from_preset("tiny", device="cpu")
+    service = Service(pipe, ServerOptions(warmup=Recipe(128, 128, prior_steps=1, decoder_steps=1)))
+    with BackgroundServer(create_app(service)) as url:
+        argv = ["bench", "--load", "--url", url, "--sizes", "128", "--prior-steps", "2", "--decoder-steps", "2",
+                "--concurrency", "1", "4", "--requests", "6", "--json", str(tmp_path / "load.json")]
+        assert main(argv) == 0
+    pipe.close()
+    out = capsys.readouterr().out
+    assert "sequential" in out and "concurrency 4" in out and "served over HTTP" in out
+    record = json.loads((tmp_path / "load.json").read_text())
+    assert record["workload"]["runtime"] == "tiny demo (random weights, seed 0) on torch, cpu, fp32, served over HTTP"
+    rows = record["measurements"]
+    assert [row["measurement"] for row in rows][:3] == ["sequential", "concurrency 1", "concurrency 4"]
+    assert all(row["served"] == row["requests"] and row["failed"] == 0 and not row["refused"] for row in rows)
+    assert all(row["images_per_s"] > 0 and row["latency_s"]["p99"] >= row["latency_s"]["p50"] > 0 for row in rows)
+    assert rows[0]["batch_occupancy"] == 1 and rows[0]["compute_s_mean"] > 0  # from the server's Server-Timing
+    assert rows[2]["batch_occupancy"] > 1  # the server's scheduler batched the four clients' steps
+
+
+@pytest.mark.parametrize("url", ["http://example.com:8000", "http://10.0.0.2:8000", "ftp://127.0.0.1:8000"])
+def test_the_load_benchmark_over_http_stays_on_this_machine(capsys, url):
+    assert main(["bench", "--load", "--url", url, "--sizes", "128"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--url={url!r}: the load test runs against a server on this machine only" in err
