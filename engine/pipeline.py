@@ -13,7 +13,7 @@ import asyncio
 import math
 import numbers
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,16 +28,26 @@ from engine.config import WuerstchenConfig
 from engine.errors import WuerstchenError
 from engine.memory import check_fits, request_bytes
 from engine.precision import Precision
-from engine.requests import Denoising, RequestFuture, RequestState
+from engine.requests import (
+    DECODER_CALLBACK_TENSORS,
+    PRIOR_CALLBACK_TENSORS,
+    Denoising,
+    RequestFuture,
+    RequestState,
+    StepCallback,
+)
 from engine.runner import Runner
 from engine.runtime import ModelSource, Runtime, resolve
-from engine.schedule import Generator, draw_denoising_noise, make_schedule, timestep_grid
+from engine.schedule import Generator, draw_denoising_noise, draw_noise, make_schedule, timestep_grid
 from engine.scheduler import Scheduler, SchedulerOptions
-from engine.shapes import Shapes, embedding_shapes, image_shapes
+from engine.shapes import TEXT_TOKENS, Shapes, embedding_shapes, image_shapes
 from engine.stages import Stages
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 EMBEDDING_OUTPUT_TYPES = ("pt", "np")
+
+# diffusers' `callback_on_step_end`: (pipeline, step index, timestep, callback_kwargs) → the tensors it replaces.
+StepCallbackFunction = Callable[[object, int, torch.Tensor, dict], dict]
 
 
 @dataclass
@@ -67,14 +77,17 @@ class WuerstchenPriorOutput:
 
 @dataclass(frozen=True)
 class PriorRequest:
-    """A checked prior call: every prompt's text is encoded once and used by its `images_per_prompt` rows."""
+    """A checked prior call: every prompt's text is encoded once and used by its `images_per_prompt` rows.
+    Prompts (and negative prompts) are strings, or their CLIP states given as `prompt_embeds` (prompts, 77,
+    width), on the CPU in the pipeline's dtype, as are the initial `latents` when given."""
 
-    prompts: list[str]
-    negative_prompts: list[str]
+    prompts: list[str] | torch.Tensor
+    negative_prompts: list[str] | torch.Tensor
     images_per_prompt: int
     shapes: Shapes
     grid: torch.Tensor
     guidance: float
+    latents: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,7 @@ class DecoderRequest:
     shapes: Shapes
     grid: torch.Tensor
     guidance: float
+    latents: torch.Tensor | None = None  # the initial latents, given (on the CPU, in the pipeline's dtype)
 
 
 # Beyond this many steps, neighbouring noise levels are closer than fp16 tells apart (its spacing near 1 is
@@ -163,6 +177,53 @@ def _prompts(prompt, negative_prompt) -> tuple[list[str], list[str]]:
     raise WuerstchenError(f"negative_prompt={negative_prompt!r}: expected a string or a list of strings")
 
 
+def _prior_texts(config: WuerstchenConfig, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                 dtype: torch.dtype) -> tuple[list[str] | torch.Tensor, list[str] | torch.Tensor]:
+    """The prior's prompts and negative prompts, each as strings or as the CLIP states given in their place."""
+    if prompt_embeds is None:
+        if prompt is None:
+            raise WuerstchenError("prompt=None: expected a string or a non-empty list of strings, or prompt_embeds")
+        prompts, negatives = _prompts(prompt, negative_prompt)
+    else:
+        if prompt is not None:
+            raise WuerstchenError(f"prompt={_shown(prompt)} given with prompt_embeds: pass one")
+        prompts = _text_embeddings(config, "prompt_embeds", prompt_embeds, None, dtype)
+        negatives = _prompts([""] * len(prompts), negative_prompt)[1]
+    if negative_prompt_embeds is not None:
+        if negative_prompt is not None:
+            raise WuerstchenError(f"negative_prompt={_shown(negative_prompt)} given with negative_prompt_embeds: pass "
+                                  "one")
+        negatives = _text_embeddings(config, "negative_prompt_embeds", negative_prompt_embeds, len(prompts), dtype)
+    return prompts, negatives
+
+
+def _text_embeddings(config: WuerstchenConfig, name: str, value, rows: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """CLIP states given in place of prompts, as diffusers' prior computes them (the text encoder's last hidden
+    states, (prompts, 77, width)): a copy on the CPU in the pipeline's dtype."""
+    expected = f"({rows or 'prompts'}, {TEXT_TOKENS}, {config.prior_text.hidden_size})"
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        shown = f"dtype {value.dtype}" if isinstance(value, torch.Tensor) else f"type {type(value).__name__}"
+        raise WuerstchenError(f"{name} of {shown}: expected a float tensor {expected}, the prior text encoder's last "
+                              "hidden states")
+    shape = tuple(value.shape)
+    if len(shape) != 3 or shape[1:] != (TEXT_TOKENS, config.prior_text.hidden_size) or shape[0] < 1 or \
+            rows not in (None, shape[0]):
+        raise WuerstchenError(f"{name} has shape {shape}: expected {expected}, the prior text encoder's last hidden "
+                              "states" + (", one row per prompt" if rows else ""))
+    return value.detach().to(device="cpu", dtype=dtype, copy=True)
+
+
+def _initial_latents(name: str, value, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """Initial latents given in place of the first draw: a copy on the CPU in the pipeline's dtype."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or tuple(value.shape) != tuple(shape):
+        shown = f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"type {type(value).__name__}"
+        raise WuerstchenError(f"{name} of {shown}: expected a float tensor of shape {tuple(shape)}, for this call's "
+                              "size and images")
+    return value.detach().to(device="cpu", dtype=dtype, copy=True)
+
+
 def _check_generator(generator, batch: int, device: torch.device) -> Generator:
     if generator is None:
         return None
@@ -177,6 +238,38 @@ def _check_generator(generator, batch: int, device: torch.device) -> Generator:
     return generator
 
 
+def _decoder_prompts(prompt, count: int):
+    """The decoder's prompts in a combined call whose prior takes `prompt_embeds` of `count` prompts: `prompt`,
+    or "" without one as in diffusers, for every row, or a list of one per row."""
+    if prompt is None or isinstance(prompt, str):
+        return [prompt or ""] * count
+    if isinstance(prompt, (list, tuple)) and len(prompt) != count:
+        raise WuerstchenError(f"prompt has {len(prompt)} entries for {count} rows of prompt_embeds: expected one per "
+                              "row, or a single string")
+    return prompt
+
+
+def _step_callback(name: str, function, tensor_inputs, allowed: tuple[str, ...], pipeline,
+                   grid: torch.Tensor) -> StepCallback | None:
+    """A checked `callback_on_step_end` (None without one) and its `..._tensor_inputs`, which are checked even
+    without a callback, as diffusers checks them."""
+    inputs_name = f"{name}_tensor_inputs"
+    names = () if tensor_inputs is None else tensor_inputs
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise WuerstchenError(f"{inputs_name}={_shown(tensor_inputs)}: expected a list of names from "
+                              f"{', '.join(allowed)}")
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise WuerstchenError(f"{inputs_name}={_shown(list(names))} names {', '.join(map(repr, unknown))}: expected "
+                              f"names from {', '.join(allowed)}")
+    if function is None:
+        return None
+    if not callable(function):
+        raise WuerstchenError(f"{name}={_shown(function)}: expected a function (pipeline, step, timestep, "
+                              "callback_kwargs) returning a dict")
+    return StepCallback(function, tuple(names), pipeline, grid, name)
+
+
 def _check_output_type(output_type: str, allowed: tuple[str, ...]) -> str:
     if output_type not in allowed:
         raise WuerstchenError(f"output_type={output_type!r}: expected one of {', '.join(allowed)}")
@@ -184,26 +277,29 @@ def _check_output_type(output_type: str, allowed: tuple[str, ...]) -> str:
 
 
 def check_prior_request(config: WuerstchenConfig, *, prompt, negative_prompt, height, width, num_inference_steps,
-                        timesteps, guidance_scale, num_images_per_prompt,
+                        timesteps, guidance_scale, num_images_per_prompt, prompt_embeds=None,
+                        negative_prompt_embeds=None, latents=None, dtype: torch.dtype = torch.float32,
                         steps_name: str = "num_inference_steps", timesteps_name: str = "timesteps",
                         guidance_name: str = "guidance_scale") -> PriorRequest:
     """Validate the prior's part of a call; a bad field is a one-line `WuerstchenError` naming it (by the
-    name the caller used: the combined call prefixes the prior's fields with `prior_`)."""
-    prompts, negatives = _prompts(prompt, negative_prompt)
+    name the caller used: the combined call prefixes the prior's fields with `prior_`). Given tensors are
+    copied to the CPU in `dtype`, the pipeline's."""
+    prompts, negatives = _prior_texts(config, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, dtype)
     images_per_prompt = _positive_int("num_images_per_prompt", num_images_per_prompt)
+    shapes = image_shapes(config, height, width, len(prompts) * images_per_prompt)
     return PriorRequest(
-        prompts=prompts, negative_prompts=negatives, images_per_prompt=images_per_prompt,
-        shapes=image_shapes(config, height, width, len(prompts) * images_per_prompt),
+        prompts=prompts, negative_prompts=negatives, images_per_prompt=images_per_prompt, shapes=shapes,
         grid=_grid(timesteps_name, steps_name, num_inference_steps, timesteps),
         guidance=_finite(guidance_name, guidance_scale),
+        latents=_initial_latents("latents", latents, shapes.prior_latent, dtype),
     )
 
 
 def check_decoder_request(config: WuerstchenConfig, embeddings: torch.Size | tuple[int, ...], *, prompt,
                           negative_prompt, num_inference_steps, timesteps, guidance_scale,
-                          num_images_per_prompt, steps_name: str = "num_inference_steps",
-                          timesteps_name: str = "timesteps", guidance_name: str = "guidance_scale",
-                          rows_per_prompt: int | None = None) -> DecoderRequest:
+                          num_images_per_prompt, latents=None, dtype: torch.dtype = torch.float32,
+                          steps_name: str = "num_inference_steps", timesteps_name: str = "timesteps",
+                          guidance_name: str = "guidance_scale", rows_per_prompt: int | None = None) -> DecoderRequest:
     """Validate the decoder's part of a call for image embeddings of shape `embeddings` (B, C, h, w): one
     prompt for all of them, or one per embedding. The combined call passes `rows_per_prompt` instead, its
     prompts' images per prompt."""
@@ -215,12 +311,13 @@ def check_decoder_request(config: WuerstchenConfig, embeddings: torch.Size | tup
             raise WuerstchenError(f"prompt has {len(prompts)} entries for {count} image embeddings: expected one per "
                                   "embedding, or a single string")
         rows_per_prompt = count // len(prompts) * images_per_embedding
+    shapes = embedding_shapes(config, tuple(embeddings[2:]), count * images_per_embedding)
     return DecoderRequest(
         prompts=prompts, negative_prompts=negatives, rows_per_prompt=rows_per_prompt,
-        images_per_embedding=images_per_embedding,
-        shapes=embedding_shapes(config, tuple(embeddings[2:]), count * images_per_embedding),
+        images_per_embedding=images_per_embedding, shapes=shapes,
         grid=_grid(timesteps_name, steps_name, num_inference_steps, timesteps),
         guidance=_finite(guidance_name, guidance_scale),
+        latents=_initial_latents("latents", latents, shapes.decoder_latent, dtype),
     )
 
 
@@ -373,12 +470,16 @@ class WuerstchenPipeline:
     def scheduler(self) -> Scheduler:
         """The step scheduler every call and `submit` goes through, made on first use."""
         with self._scheduler_lock:
-            if self._scheduler is None:
-                policy = self._scheduler_options.policy
-                runner = Runner(self.config, self.stages, self.device,
-                                frozenset(policy.buckets) | {policy.deterministic_batch})
-                self._scheduler = Scheduler(runner, self._finish, self._scheduler_options)
-            return self._scheduler
+            return self._current_scheduler()
+
+    def _current_scheduler(self) -> Scheduler:
+        """The scheduler, made now if there is none; under `_scheduler_lock`."""
+        if self._scheduler is None:
+            policy = self._scheduler_options.policy
+            runner = Runner(self.config, self.stages, self.device,
+                            frozenset(policy.buckets) | {policy.deterministic_batch})
+            self._scheduler = Scheduler(runner, self._finish, self._scheduler_options)
+        return self._scheduler
 
     def stats(self) -> dict:
         """The scheduler's queue length, requests in flight, batch occupancy, padding waste, measured tick
@@ -392,41 +493,90 @@ class WuerstchenPipeline:
         if scheduler is not None:
             scheduler.close()
 
+    def to(self, *args, device: str | torch.device | None = None,
+           dtype: str | torch.dtype | None = None) -> WuerstchenPipeline:
+        """Every stage on another device or in another precision, as diffusers' `DiffusionPipeline.to`:
+        `to(device)`, `to(dtype)`, `to(device, dtype)` or by keyword; returns the pipeline itself.
+
+        The stages are loaded again from the pipeline's source on the new device in the new precision, with
+        the same backend and options (`engine.runtime.resolve`, then the backend), and replace the old ones
+        once loaded: for that moment both are in memory, and stages swapped in with `with_stages` are not
+        kept. A bundle's backends (onnxruntime, tensorrt) cannot move: load the bundle again. `to` refuses
+        while requests are queued or in flight (wait for their results first); a call made while it runs
+        fails with a one-line error rather than run on stages its noise was not drawn for."""
+        device, dtype = _to_arguments(args, device, dtype)
+        if self.backend.runs_bundles:
+            raise WuerstchenError(f"to(): the {self.backend.value} backend runs a bundle's graphs as they were loaded "
+                                  "and cannot move or cast them: load the bundle again with "
+                                  "WuerstchenPipeline.from_bundle(..., device=..., dtype=...)")
+        current = self.runtime
+        runtime = resolve(current.source, current.backend, current.device if device is None else device,
+                          current.precision if dtype is None else dtype, current.options)
+        with self._scheduler_lock:
+            if runtime == self.runtime:
+                return self
+            if self._scheduler is not None:
+                stats = self._scheduler.stats()
+                if stats["queued"] or stats["in_flight"]:
+                    raise WuerstchenError(f"to() while {stats['queued'] + stats['in_flight']} requests are queued or "
+                                          "in flight: wait for their results first")
+            self.config, self.stages = backends.load(runtime)
+            # An idle scheduler's worker ends by itself, and with it the last hold on the old stages.
+            self.runtime, self._scheduler = runtime, None
+        return self
+
     # --- requests --------------------------------------------------------------------------------------
 
     def _state(self, kind: str, rows: int, output_type: str, generator: Generator, *, prior: PriorRequest | None,
                decoder: DecoderRequest | None, image_embeddings: torch.Tensor | None, deadline, priority: str,
-               deterministic: bool) -> RequestState:
+               deterministic: bool, return_dict: bool = True, prior_callback: StepCallback | None = None,
+               decoder_callback: StepCallback | None = None) -> RequestState:
         """A checked request as the scheduler takes it, its noise drawn now from its generator in a pipeline
-        call's order: the prior's initial latents and steps, then the decoder's. Drawn on the generator's
-        device, kept on the CPU until the scheduler admits it."""
+        call's order: the prior's initial latents (unless given) and steps, then the decoder's. Drawn on the
+        generator's device, kept on the CPU until the scheduler admits it."""
+        runtime = self.runtime  # read once: `to` may replace it meanwhile, and `_submit` then refuses the request
         timeout = _deadline(deadline)
         if priority not in PRIORITIES:
             raise WuerstchenError(f"priority={priority!r}: expected one of {', '.join(PRIORITIES)}")
         if not isinstance(deterministic, bool):
             raise WuerstchenError(f"deterministic={deterministic!r}: expected True or False")
-        generator = _check_generator(generator, rows, self.device)
-        config, dtype, cpu = self.config, self.dtype, torch.device("cpu")
+        if not isinstance(return_dict, bool):
+            raise WuerstchenError(f"return_dict={return_dict!r}: expected True or False")
+        generator = _check_generator(generator, rows, runtime.device)
+        config, dtype, cpu = self.config, runtime.dtype, torch.device("cpu")
 
-        def denoising(request, schedule_config, latent_shape) -> Denoising:
-            schedule = make_schedule(request.grid, schedule_config, dtype, self.device)
-            initial, noise = draw_denoising_noise(latent_shape, schedule.num_steps, generator, cpu, dtype)
-            return Denoising(schedule, initial, noise, request.guidance, tuple(latent_shape[2:]))
+        def denoising(request, schedule_config, latent_shape, callback) -> Denoising:
+            schedule = make_schedule(request.grid, schedule_config, dtype, runtime.device)
+            if request.latents is None:
+                initial, noise = draw_denoising_noise(latent_shape, schedule.num_steps, generator, cpu, dtype)
+            else:  # as in diffusers, given latents take the first draw's place: the steps' draws move up
+                initial = request.latents
+                noise = tuple(draw_noise(latent_shape, generator, cpu, dtype) for _ in range(schedule.num_steps))
+            return Denoising(schedule, initial, noise, request.guidance, tuple(latent_shape[2:]), callback)
 
         shapes = (prior or decoder).shapes
         check_fits(request_bytes(config, shapes, dtype, prior and (len(prior.grid) - 1, prior.guidance > 1),
-                                 decoder and (len(decoder.grid) - 1, decoder.guidance > 1)), self.device)
+                                 decoder and (len(decoder.grid) - 1, decoder.guidance > 1)), runtime.device)
         # The prior's draws first, then the decoder's: the order of a call.
-        prior_denoising = denoising(prior, config.prior_schedule, prior.shapes.prior_latent) if prior else None
-        decoder_denoising = denoising(decoder, config.decoder_schedule, decoder.shapes.decoder_latent) \
-            if decoder else None
+        prior_denoising = denoising(prior, config.prior_schedule, prior.shapes.prior_latent, prior_callback) \
+            if prior else None
+        decoder_denoising = denoising(decoder, config.decoder_schedule, decoder.shapes.decoder_latent,
+                                      decoder_callback) if decoder else None
         request_id = Scheduler.new_id()
         return RequestState(
             request_id=request_id, kind=kind, rows=rows, future=RequestFuture(request_id), output_type=output_type,
             prior=prior, decoder=decoder, prior_denoising=prior_denoising, decoder_denoising=decoder_denoising,
             image_embeddings=image_embeddings, timeout=timeout, interactive=priority == "interactive",
-            deterministic=deterministic,
+            deterministic=deterministic, return_dict=return_dict, runtime=runtime,
         )
+
+    def _submit(self, state: RequestState) -> RequestFuture:
+        """Queue a request, unless `to` replaced the stages since its noise was drawn."""
+        with self._scheduler_lock:
+            if state.runtime is not self.runtime:
+                raise WuerstchenError(f"the pipeline moved to {self.device}, {self.precision.value} (to()) while this "
+                                      "request was being made: make it again")
+            return self._current_scheduler().submit(state)
 
     def _finish(self, state: RequestState):
         """A finished request's result, as the matching pipeline call returns it (on the scheduler's thread)."""
@@ -434,45 +584,62 @@ class WuerstchenPipeline:
             embeddings = state.output
             if state.output_type == "np":
                 embeddings = embeddings.cpu().float().numpy()
-            return WuerstchenPriorOutput(image_embeddings=embeddings, timings=state.timings,
-                                         compute_s=state.compute_seconds)
+            output = WuerstchenPriorOutput(image_embeddings=embeddings, timings=state.timings,
+                                           compute_s=state.compute_seconds)
+            return output if state.return_dict else (output.image_embeddings,)
         images = state.output
         if state.output_type != "latent" and not bool(torch.isfinite(images).all()):
             raise WuerstchenError("the VQGAN produced non-finite values for this request: check the weights")
-        return WuerstchenOutput(images=_to_output(images, state.output_type), timings=state.timings,
-                                compute_s=state.compute_seconds)
+        output = WuerstchenOutput(images=_to_output(images, state.output_type), timings=state.timings,
+                                  compute_s=state.compute_seconds)
+        # diffusers' decoder pipeline, and so its combined one, returns the images themselves, in no tuple.
+        return output if state.return_dict else output.images
 
     def _run(self, state: RequestState, steps: int) -> object:
         """Submit one request and wait for it, with a progress bar over its denoising steps."""
         with self._progress(steps) as progress:
             state.future.add_progress_callback(lambda stage, step, total: progress.update())
-            return self.scheduler.submit(state).result()
+            return self._submit(state).result()
 
     def _progress(self, total: int):
         return tqdm(total=total, **{"desc": "denoising", **self._progress_bar_config})
 
-    def _images_state(self, prompt, negative_prompt, height, width, prior_num_inference_steps, prior_timesteps,
+    def _images_state(self, *, prompt, negative_prompt, height, width, prior_num_inference_steps, prior_timesteps,
                       prior_guidance_scale, num_inference_steps, decoder_timesteps, decoder_guidance_scale,
-                      num_images_per_prompt, generator, output_type, **scheduling) -> RequestState:
-        """The combined call's request, every argument checked before anything is drawn."""
+                      num_images_per_prompt, generator, output_type, return_dict, latents, prompt_embeds,
+                      negative_prompt_embeds, prior_callback_on_step_end, prior_callback_on_step_end_tensor_inputs,
+                      callback_on_step_end, callback_on_step_end_tensor_inputs, **scheduling) -> RequestState:
+        """The combined call's request, every argument checked before anything is drawn. As in diffusers, text
+        states given replace the prior's prompts, and the decoder reads `prompt` (or "" without one) and
+        `negative_prompt` all the same."""
         prior = check_prior_request(
-            self.config, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            self.config, prompt=prompt if prompt_embeds is None else None,
+            negative_prompt=negative_prompt if negative_prompt_embeds is None else None, height=height, width=width,
             num_inference_steps=prior_num_inference_steps, timesteps=prior_timesteps,
             guidance_scale=prior_guidance_scale, num_images_per_prompt=num_images_per_prompt,
-            steps_name="prior_num_inference_steps", timesteps_name="prior_timesteps",
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, latents=latents,
+            dtype=self.dtype, steps_name="prior_num_inference_steps", timesteps_name="prior_timesteps",
             guidance_name="prior_guidance_scale")
         decoder = check_decoder_request(
-            self.config, prior.shapes.prior_latent, prompt=prompt, negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
+            self.config, prior.shapes.prior_latent,
+            prompt=prompt if prompt_embeds is None else _decoder_prompts(prompt, len(prior.prompts)),
+            negative_prompt=negative_prompt, num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
             guidance_scale=decoder_guidance_scale, num_images_per_prompt=1, timesteps_name="decoder_timesteps",
             guidance_name="decoder_guidance_scale", rows_per_prompt=prior.images_per_prompt)
         _check_output_type(output_type, OUTPUT_TYPES)
+        prior_callback = _step_callback("prior_callback_on_step_end", prior_callback_on_step_end,
+                                        prior_callback_on_step_end_tensor_inputs, PRIOR_CALLBACK_TENSORS, self,
+                                        prior.grid)
+        decoder_callback = _step_callback("callback_on_step_end", callback_on_step_end,
+                                          callback_on_step_end_tensor_inputs, DECODER_CALLBACK_TENSORS, self,
+                                          decoder.grid)
         return self._state("images", prior.shapes.batch, output_type, generator, prior=prior, decoder=decoder,
-                           image_embeddings=None, **scheduling)
+                           image_embeddings=None, return_dict=return_dict, prior_callback=prior_callback,
+                           decoder_callback=decoder_callback, **scheduling)
 
     def submit(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int = 512,
         width: int = 512,
@@ -486,6 +653,14 @@ class WuerstchenPipeline:
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         *,
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prior_callback_on_step_end: StepCallbackFunction | None = None,
+        prior_callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback_on_step_end: StepCallbackFunction | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         seed: int | None = None,
         deadline: float | None = None,
         priority: str = "interactive",
@@ -499,12 +674,21 @@ class WuerstchenPipeline:
         request gives the same bits under any load). `deadline`: seconds from now; a request that cannot meet
         it is refused at once (`engine.scheduler.DeadlineInfeasible`), one that misses it fails
         (`DeadlineExceeded`). `priority`: "interactive", or "batch" to use only what interactive requests
-        leave. A full queue refuses at once with `engine.scheduler.QueueFull`."""
+        leave. A full queue refuses at once with `engine.scheduler.QueueFull`. A step callback that raises
+        fails this request's future with its exception, and no other request."""
         state = self._images_state(
-            prompt, negative_prompt, height, width, prior_num_inference_steps, prior_timesteps, prior_guidance_scale,
-            num_inference_steps, decoder_timesteps, decoder_guidance_scale, num_images_per_prompt,
-            _seeded(seed, generator), output_type, deadline=deadline, priority=priority, deterministic=deterministic)
-        return self.scheduler.submit(state)
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            prior_num_inference_steps=prior_num_inference_steps, prior_timesteps=prior_timesteps,
+            prior_guidance_scale=prior_guidance_scale, num_inference_steps=num_inference_steps,
+            decoder_timesteps=decoder_timesteps, decoder_guidance_scale=decoder_guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, generator=_seeded(seed, generator), output_type=output_type,
+            return_dict=return_dict, latents=latents, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, prior_callback_on_step_end=prior_callback_on_step_end,
+            prior_callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            deadline=deadline, priority=priority, deterministic=deterministic)
+        return self._submit(state)
 
     async def asubmit(self, *args, **kwargs):
         """`submit`, awaited: the call's output. Cancelling the awaiting task cancels the request."""
@@ -516,7 +700,7 @@ class WuerstchenPipeline:
 
     def run_prior(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         height: int = 1024,
         width: int = 1024,
         num_inference_steps: int = 60,
@@ -526,16 +710,29 @@ class WuerstchenPipeline:
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pt",
-    ) -> WuerstchenPriorOutput:
+        *,
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        callback_on_step_end: StepCallbackFunction | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> WuerstchenPriorOutput | tuple[torch.Tensor | np.ndarray]:
         """Stage C alone, as diffusers' `WuerstchenPriorPipeline` with its arguments and defaults: the image
-        embeddings of `num_images_per_prompt` images per prompt, to decode now or later with `run_decoder`."""
+        embeddings of `num_images_per_prompt` images per prompt, to decode now or later with `run_decoder`.
+        `prompt_embeds` replaces `prompt` (one or the other), `negative_prompt_embeds` `negative_prompt`;
+        `latents`, the callback and `return_dict` (then a tuple of the embeddings) as in `__call__`."""
         request = check_prior_request(
             self.config, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=num_inference_steps, timesteps=timesteps, guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt)
+            num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, latents=latents, dtype=self.dtype)
         _check_output_type(output_type, EMBEDDING_OUTPUT_TYPES)
+        callback = _step_callback("callback_on_step_end", callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                  PRIOR_CALLBACK_TENSORS, self, request.grid)
         state = self._state("prior", request.shapes.batch, output_type, generator, prior=request, decoder=None,
-                            image_embeddings=None, deadline=None, priority="interactive", deterministic=False)
+                            image_embeddings=None, deadline=None, priority="interactive", deterministic=False,
+                            return_dict=return_dict, prior_callback=callback)
         return self._run(state, len(request.grid) - 1)
 
     def run_decoder(
@@ -549,24 +746,33 @@ class WuerstchenPipeline:
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
-    ) -> WuerstchenOutput:
+        *,
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: StepCallbackFunction | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> WuerstchenOutput | list[Image.Image] | np.ndarray | torch.Tensor:
         """Stages B and A, as diffusers' `WuerstchenDecoderPipeline` with its arguments and defaults: images
         from image embeddings (B, 16, h, w) (`run_prior`'s, or read from a file), the size following from
         theirs. `prompt` is one string for every embedding or a list of one per embedding; each embedding
-        makes `num_images_per_prompt` images, one after the other."""
+        makes `num_images_per_prompt` images, one after the other. `latents`: the decoder's initial latents
+        (B · num_images_per_prompt, 4, H, W); they, the callback and `return_dict` as in `__call__`."""
         embeddings = check_image_embeddings(self.config, image_embeddings, torch.device("cpu"), self.dtype)
         request = check_decoder_request(
             self.config, embeddings.shape, prompt=prompt, negative_prompt=negative_prompt,
             num_inference_steps=num_inference_steps, timesteps=timesteps, guidance_scale=guidance_scale,
-            num_images_per_prompt=num_images_per_prompt)
+            num_images_per_prompt=num_images_per_prompt, latents=latents, dtype=self.dtype)
         _check_output_type(output_type, OUTPUT_TYPES)
+        callback = _step_callback("callback_on_step_end", callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                  DECODER_CALLBACK_TENSORS, self, request.grid)
         state = self._state("decoder", request.shapes.batch, output_type, generator, prior=None, decoder=request,
-                            image_embeddings=embeddings, deadline=None, priority="interactive", deterministic=False)
+                            image_embeddings=embeddings, deadline=None, priority="interactive", deterministic=False,
+                            return_dict=return_dict, decoder_callback=callback)
         return self._run(state, len(request.grid) - 1)
 
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int = 512,
         width: int = 512,
@@ -579,16 +785,52 @@ class WuerstchenPipeline:
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
-    ) -> WuerstchenOutput:
+        *,
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        prior_callback_on_step_end: StepCallbackFunction | None = None,
+        prior_callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        callback_on_step_end: StepCallbackFunction | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> WuerstchenOutput | list[Image.Image] | np.ndarray | torch.Tensor:
         """Make `num_images_per_prompt` images per prompt: the prior, then the decoder on its embeddings with
         each image's own prompt, every argument checked before either starts. One request through the
         scheduler (`submit`), as every call is: a pipeline may be called from any number of threads, and each
         call returns the images it would return alone. Defaults are diffusers' (512², 60 prior steps); the
-        published recipe is `engine.recipe.Recipe().call()`."""
+        published recipe is `engine.recipe.Recipe().call()`.
+
+        The rest as in diffusers' `WuerstchenCombinedPipeline`:
+        - `latents`: the prior's initial latents (N, 16, h, w), in place of its first draw from `generator`;
+          the draws that follow move up one, as in diffusers, so the same generator gives diffusers' image.
+        - `prompt_embeds`, `negative_prompt_embeds`: the prior text encoder's last hidden states (prompts, 77,
+          width) in place of `prompt` and `negative_prompt` for the prior, whose text encoder then does not run;
+          the decoder still reads `prompt` (or "" without one) and `negative_prompt`.
+        - `prior_callback_on_step_end`, `callback_on_step_end`: called after each prior or decoder step as
+          `f(pipeline, step, timestep, callback_kwargs)`, `callback_kwargs` holding the tensors their
+          `..._tensor_inputs` name (`engine.requests.PRIOR_CALLBACK_TENSORS`, `DECODER_CALLBACK_TENSORS`), this
+          request's rows alone. The dict returned may replace `latents` and `text_encoder_hidden_states` (return
+          them: the conditioning is computed from the text states once, so changing them in place does nothing). A
+          callback runs on the scheduler's thread once the device has finished the step: a host sync per step
+          of this request, and the other requests in flight wait while it runs (so it must not call the
+          pipeline and wait). On torch-fast it sees a copy of the CUDA graph's output: the tensors it sees are
+          those of an eager step. As in diffusers, a callback stops the run by raising: the call raises that
+          exception, and no other request is touched.
+        - `return_dict=False`: what diffusers returns then, the images themselves (a list, an array or a
+          tensor), not a tuple."""
         state = self._images_state(
-            prompt, negative_prompt, height, width, prior_num_inference_steps, prior_timesteps, prior_guidance_scale,
-            num_inference_steps, decoder_timesteps, decoder_guidance_scale, num_images_per_prompt, generator,
-            output_type, deadline=None, priority="interactive", deterministic=False)
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            prior_num_inference_steps=prior_num_inference_steps, prior_timesteps=prior_timesteps,
+            prior_guidance_scale=prior_guidance_scale, num_inference_steps=num_inference_steps,
+            decoder_timesteps=decoder_timesteps, decoder_guidance_scale=decoder_guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, output_type=output_type,
+            return_dict=return_dict, latents=latents, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, prior_callback_on_step_end=prior_callback_on_step_end,
+            prior_callback_on_step_end_tensor_inputs=prior_callback_on_step_end_tensor_inputs,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            deadline=None, priority="interactive", deterministic=False)
         return self._run(state, state.prior_denoising.steps + state.decoder_denoising.steps)
 
 
@@ -604,6 +846,22 @@ def _seeded(seed, generator) -> Generator:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise WuerstchenError(f"seed={seed!r}: expected an integer from 0 to 2**64 - 1")
     return torch.Generator().manual_seed(seed)
+
+
+def _to_arguments(args: tuple, device, dtype) -> tuple:
+    """`to`'s device and dtype, read as diffusers' `DiffusionPipeline.to` reads them: one positional argument is
+    the dtype when it is a `torch.dtype` and the device otherwise; two are the device, then the dtype."""
+    if len(args) > 2:
+        raise WuerstchenError(f"to() got {len(args)} positional arguments: expected a device, a dtype, or both")
+    if len(args) == 2 and isinstance(args[0], torch.dtype):
+        raise WuerstchenError(f"to({args[0]}, {args[1]!r}): expected the device first, then the dtype")
+    if len(args) == 1 and isinstance(args[0], torch.dtype):
+        args = (None, args[0])
+    given_device, given_dtype = (*args, None, None)[:2]
+    for name, given, keyword in (("device", given_device, device), ("dtype", given_dtype, dtype)):
+        if given is not None and keyword is not None:
+            raise WuerstchenError(f"to() got {name} twice, {given!r} and {name}={keyword!r}: pass one")
+    return given_device if device is None else device, given_dtype if dtype is None else dtype
 
 
 def _deadline(deadline) -> float | None:

@@ -13,7 +13,7 @@ import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,6 +21,11 @@ from engine.policy import Candidate, GroupKey, Stage
 from engine.schedule import DenoisingSchedule
 
 KINDS = ("images", "prior", "decoder")  # the whole pipeline, the prior alone (run_prior), the decoder alone
+
+# The tensors a step callback may ask for, by stage: diffusers' `_callback_tensor_inputs` of its prior and
+# decoder pipelines.
+PRIOR_CALLBACK_TENSORS = ("latents", "text_encoder_hidden_states", "negative_prompt_embeds")
+DECODER_CALLBACK_TENSORS = (*PRIOR_CALLBACK_TENSORS, "image_embeddings")
 
 
 class RequestFuture(Future):
@@ -48,16 +53,35 @@ class RequestFuture(Future):
             callback(stage, step, steps)
 
 
+@dataclass(frozen=True)
+class StepCallback:
+    """A caller's `callback_on_step_end` for one denoising stage of its request, called as diffusers calls it:
+    after each step, `function(pipeline, step, timestep, callback_kwargs)` with the step's index, its noise level
+    `timesteps[step]` (a 0-dim fp32 tensor) and the tensors named in `tensor_inputs`, the request's rows alone.
+    `name` is the argument it came in, for errors."""
+
+    function: Callable
+    tensor_inputs: tuple[str, ...]
+    pipeline: object
+    timesteps: torch.Tensor
+    name: str
+
+    def to(self, device: torch.device) -> StepCallback:
+        return replace(self, timesteps=self.timesteps.to(device))
+
+
 @dataclass
 class Denoising:
-    """One denoising stage of a request: its schedule, its noise (the initial latents, then one draw per
-    step), its guidance scale, and its latents and conditioning once it runs."""
+    """One denoising stage of a request: its schedule, its noise (the initial latents, given or drawn, then one
+    draw per step), its guidance scale, its step callback if it has one, and its latents and conditioning once
+    it runs."""
 
     schedule: DenoisingSchedule
     initial: torch.Tensor
     noise: tuple[torch.Tensor, ...]
     guidance: float
     shape: tuple[int, int]  # the latent's (height, width)
+    callback: StepCallback | None = None
 
     @property
     def steps(self) -> int:
@@ -71,7 +95,8 @@ class Denoising:
         """The same stage with its tensors on `device`."""
         return Denoising(
             DenoisingSchedule(self.schedule.ratios.to(device), self.schedule.coefficients.to(device)),
-            self.initial.to(device), tuple(n.to(device) for n in self.noise), self.guidance, self.shape)
+            self.initial.to(device), tuple(n.to(device) for n in self.noise), self.guidance, self.shape,
+            self.callback and self.callback.to(device))
 
     @property
     def nbytes(self) -> int:
@@ -91,11 +116,15 @@ class RequestState:
     decoder: object = None  # engine.pipeline.DecoderRequest, for kinds "images" and "decoder"
     prior_denoising: Denoising | None = None
     decoder_denoising: Denoising | None = None
-    image_embeddings: torch.Tensor | None = None  # the decoder's input: given ("decoder") or the prior's output
+    # The decoder's input: given ("decoder") or the prior's output; kept through the decoder's steps where a step
+    # callback may return text states to condition again.
+    image_embeddings: torch.Tensor | None = None
     timeout: float | None = None  # seconds from submission to the deadline
     deadline: float = math.inf  # on the scheduler's clock, set at submission
     interactive: bool = True
     deterministic: bool = False
+    return_dict: bool = True  # False: the result as diffusers returns it then (see the pipeline's `_finish`)
+    runtime: object = None  # the engine.runtime.Runtime it was made for: its noise is in that precision
     submitted: float = 0.0
     # Where it stands.
     stage: Stage = Stage.TEXT
@@ -103,7 +132,10 @@ class RequestState:
     ready_tick: int = 0
     latents: torch.Tensor | None = None
     conditioning: tuple[torch.Tensor, ...] = ()
+    conditioning_version: int = 0  # counts the callbacks' replacements of the text states it was made from
     decoder_text: torch.Tensor | None = None
+    # What the stage's step callback may ask for besides the latents (see `engine.runner.callback_text`).
+    callback_tensors: dict[str, torch.Tensor | None] = field(default_factory=dict)
     finite: torch.Tensor | None = None  # per row, from the last step; read one tick later
     output: torch.Tensor | None = None  # the image embeddings, the latents or the images, once done
     ticks: list[tuple[GroupKey, int]] = field(default_factory=list)  # (group, batch size) of every tick it ran in

@@ -7,6 +7,10 @@ runs it (`engine.runner.Runner`), and moves each request on (`engine.requests.Re
 A newcomer joins at the next tick: there is no batching window. The worker starts with the first request
 and ends when it has been idle for a while.
 
+A request with a step callback (diffusers' `callback_on_step_end`) has it called on this thread after each of
+its steps, with its own rows, once the batch's step has run and been timed: the others in flight wait for the
+callback, and nothing more. A callback that raises fails its request alone.
+
 Faults stay with their request. Each step writes a per-row finiteness flag, read one tick later (no host
 sync inside a step): a request whose rows turn non-finite fails alone. An exception in a batched step is
 retried by halving the batch until the request that raises is alone, and only it fails. A sticky device
@@ -257,6 +261,8 @@ class Scheduler:
             self._run(tick, chosen)
             self._timings.append((tick.key, tick.batch, timing, self._timer()))
             self._account(tick)
+            if tick.key.stage.batched:
+                self._end_steps(chosen)
         self._check_finite(pending)
         now = self.clock()
         for state in chosen:
@@ -332,6 +338,19 @@ class Scheduler:
                     rows = sum(state.rows for state in part)
                     self._run(Tick(tick.key, tuple(s.request_id for s in part), rows,
                                    batch_size(rows, tick.key, self.policy)), part)
+
+    def _end_steps(self, states: list[RequestState]) -> None:
+        """The step callbacks of the requests that have one and are still in flight, each on its own rows."""
+        for state in states:
+            if state.request_id not in self._in_flight or state.denoising.callback is None:
+                continue
+            try:
+                self.runner.end_step(state)
+            except Exception as error:  # noqa: BLE001 — a callback's failure is its request's own
+                if is_sticky(error):
+                    self._stop(error)
+                    return
+                self._fail(state, error)
 
     def _check_finite(self, pending: list[tuple[RequestState, torch.Tensor]]) -> None:
         """Fail the requests whose rows a step turned non-finite: each alone, the others untouched."""
