@@ -17,8 +17,9 @@ import sys
 import torch
 
 from benchmarks.harness import cuda_median_ms
+from benchmarks.report import json_file
 from engine import preset
-from engine.errors import WuerstchenError
+from engine.files import write_atomically
 from engine.precision import Precision
 from engine.shapes import TEXT_TOKENS, image_shapes
 
@@ -42,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="fp16", help="fp16 (default) or bf16")
     parser.add_argument("--size", type=int, default=1024, help="image side (default 1024)")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows, with provenance, as JSON")
+    parser.add_argument("--json", metavar="FILE", type=json_file,
+                        help="also write the rows, with provenance, as JSON")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise WuerstchenError("benchmarks.attention times GPU kernels: no CUDA GPU is available here")
+        raise SystemExit("benchmarks.attention times GPU kernels: no CUDA GPU is available here")
     from benchmarks.bench import provenance
     from kernels.attention import attention
 
@@ -74,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<34}{str((batch, heads, queries, keys)):>24}{row['sdpa_us']:>10.1f}{row['sdpa_tflops']:>9.1f}"
               f"{row['triton_us']:>11.1f}{row['triton_tflops']:>9.1f}{difference:>10.2e}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"provenance": origin, "rows": rows}, f, indent=1)
+        write_atomically(args.json, (json.dumps({"provenance": origin, "rows": rows}, indent=1) + "\n").encode())
     return 0
 
 

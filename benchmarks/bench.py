@@ -319,8 +319,9 @@ def add_parser(commands) -> None:
                        help="also measure, same process and weights: diffusers, diffusers-compile")
     bench.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start runs")
     bench.add_argument("--json", metavar="FILE", help="write every record, with provenance, as JSON")
-    bench.add_argument("--csv", metavar="FILE", help="append one row per record")
-    bench.add_argument("--plot", metavar="FILE.png", help="plot per-stage latency and throughput (matplotlib)")
+    bench.add_argument("--csv", metavar="FILE", help="append one row per record (to a file of the same columns)")
+    bench.add_argument("--plot", metavar="FILE.png", help="draw where one image's time goes, per stage and target, "
+                                                          "at each size and batch (matplotlib; .png, .svg or .pdf)")
     load = bench.add_argument_group("load (--load): the scheduler under many requests, against one at a time")
     load.add_argument("--load", action="store_true", help="measure throughput and latency under load instead")
     load.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N",
@@ -370,10 +371,31 @@ def load_command(args, options: Options) -> int:
     return 0
 
 
+def check_outputs(args) -> None:
+    """Every file the run will write, checked before anything is built or measured: a run of many minutes must
+    not end in a traceback that loses its results."""
+    from benchmarks.report import check_csv, check_output, check_plot
+
+    outputs = {flag: getattr(args, flag) for flag in ("json", "csv", "plot") if getattr(args, flag)}
+    unwritten = [flag for flag in outputs if flag != "json"]
+    if args.load and unwritten:
+        raise WuerstchenError(f"--{unwritten[0]} does not apply with --load: it writes --json only")
+    if args.json:
+        check_output("--json", args.json)
+    if args.csv:
+        check_csv(args.csv)
+    if args.plot:
+        check_plot(args.plot)
+    if len({Path(value).resolve() for value in outputs.values()}) < len(outputs):
+        raise WuerstchenError(f"{' '.join(f'--{flag} {value!r}' for flag, value in outputs.items())}: expected a "
+                              "different file for each")
+
+
 def command(args) -> int:
-    """`wuerstchen bench`: measure, print the table, write what was asked for."""
+    """`wuerstchen bench`: check the outputs, measure, print the table, write what was asked for."""
     from benchmarks.report import append_csv, plot, table, write_json
 
+    check_outputs(args)
     options = options_from_args(args)
     if args.load:
         return load_command(args, options)

@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from benchmarks.harness import cuda_median_ms
 from benchmarks.kernel_profile import KINDS, StageInputs, profile, random_stages, stage_steps
+from benchmarks.report import json_file
 from engine.config import WuerstchenConfig, preset
-from engine.errors import WuerstchenError
+from engine.files import write_atomically
 from engine.models.fused import Fusions, fuse
 from engine.precision import Precision
 from engine.shapes import image_shapes
@@ -143,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp16", help="fp16 (default) or bf16")
     parser.add_argument("--size", type=int, default=1024, help="image side (default 1024)")
     parser.add_argument("--preset", default="wuerstchen-v2", help="architecture (default wuerstchen-v2)")
-    parser.add_argument("--json", metavar="FILE", help="also write the rows, with provenance, as JSON")
+    parser.add_argument("--json", metavar="FILE", type=json_file,
+                        help="also write the rows, with provenance, as JSON")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        raise WuerstchenError("benchmarks.fusions times GPU kernels: no CUDA GPU is available here")
+        raise SystemExit("benchmarks.fusions times GPU kernels: no CUDA GPU is available here")
     from benchmarks.bench import provenance
 
     device, dtype = torch.device("cuda"), Precision.parse(args.dtype, "--dtype").torch_dtype
@@ -173,10 +175,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['kernels']:>9}{row['relative_difference']:>10.1e}"
               + "".join(f"{row['by_kind_ms'].get(kind, 0.0):>14.2f}" for kind in kinds))
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"provenance": origin, "preset": args.preset, "dtype": args.dtype, "size": args.size,
-                       "kernels": kernels,
-                       "stages": stages}, file, indent=2)
+        record = {"provenance": origin, "preset": args.preset, "dtype": args.dtype, "size": args.size,
+                  "kernels": kernels, "stages": stages}
+        write_atomically(args.json, (json.dumps(record, indent=2) + "\n").encode())
     return 0
 
 

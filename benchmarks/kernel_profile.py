@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from benchmarks.harness import cuda_median_ms
+from benchmarks.report import json_file
 from engine.config import WuerstchenConfig
+from engine.files import write_atomically
 from engine.shapes import image_shapes
 
 # Kernel-name fragments by kind, first match wins (cuBLAS, CUTLASS, cuDNN, PyTorch and this project's Triton).
@@ -121,11 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--dtype", default="fp16")
-    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--json", metavar="FILE", type=json_file, help="also write the rows, with provenance, as JSON")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("kernel_profile needs a CUDA GPU", file=sys.stderr)
-        return 2
+        raise SystemExit("benchmarks.kernel_profile profiles GPU kernels: no CUDA GPU is available here")
 
     from benchmarks.bench import provenance
     from benchmarks.reference import random_reference
@@ -161,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{target:<12}{stage:<14}{row['wall_ms']:>9.2f}{row['kernel_ms']:>11.2f}{row['kernels']:>9}"
                   + "".join(f"{row['by_kind_ms'].get(k, 0.0):>15.2f}" for k in kinds))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"provenance": origin, "size": args.size, "dtype": args.dtype, "rows": rows}, f, indent=1)
+        record = {"provenance": origin, "size": args.size, "dtype": args.dtype, "rows": rows}
+        write_atomically(args.json, (json.dumps(record, indent=1) + "\n").encode())
     return 0
 
 

@@ -36,6 +36,8 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp's file is private (0600): give it the mode the file it replaces has, or a new file's.
+        os.fchmod(handle, _mode(path))
         with os.fdopen(handle, "wb") as file:
             yield file
             file.flush()
@@ -49,3 +51,26 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
 def write_atomically(path: str | Path, data: bytes) -> None:
     with atomic_writer(path) as file:
         file.write(data)
+
+
+def _mode(path: Path) -> int:
+    """The permissions of `path` if it exists, else those open() would give a new file (0666 less the umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (setting it to read it back would race
+    with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask

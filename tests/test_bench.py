@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import fusions
+from benchmarks import attention, bench, fusions, kernel_profile, report
 from engine import preset
 from engine.cli import main
 
@@ -65,8 +67,124 @@ def test_json_records_hold_provenance_workload_and_results(bench_run):
 def test_csv_rows_and_plot(bench_run, capsys):
     rows = list(csv.DictReader(open(bench_run / "rows.csv")))
     assert [row["target"] for row in rows] == ["torch", "diffusers", "torch", "diffusers"]
+    assert list(rows[0]) == list(report.CSV_COLUMNS)
     assert float(rows[0]["latency_median_s"]) > 0 and rows[0]["device"].startswith("CPU")
     assert (bench_run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(path.name for path in bench_run.iterdir()) == ["out.json", "plot.png", "rows.csv"]  # no temp files
+
+
+def test_the_plot_shows_each_target_per_image_from_the_json(bench_run):
+    """One panel per batch, one bar per target: its parts are the stages' time per image, its total the
+    end-to-end median ÷ batch."""
+    records = json.loads((bench_run / "out.json").read_text())["records"]
+    data = report.plot_data(records)
+    assert data.unit == "ms"  # a tiny image takes milliseconds
+    assert data.title.startswith("tiny demo (random weights, seed 0) · CPU ")
+    assert data.title.endswith(" · fp32\n128×128 · batch 1, 2 · prior 3 evaluations, decoder 2 steps · median of 2 "
+                               "runs after 1 warm-up")
+    assert [panel.title for panel in data.panels] == ["128×128, batch 1", "128×128, batch 2"]
+    assert data.axis_label(data.panels[1]) == "ms per image (one call ÷ batch 2; median of 2 runs)"
+    for panel, at_batch in zip(data.panels, (records[:2], records[2:]), strict=True):
+        assert [bar.target for bar in panel.bars] == ["torch", "diffusers"]
+        for bar, record in zip(panel.bars, at_batch, strict=True):
+            results, batch = record["results"], record["workload"]["batch"]
+            assert bar.total == pytest.approx(results["latency_s"]["median"] * 1e3 / batch)
+            assert list(bar.parts) == ["text", "prior", "decoder", "vqgan", "other"]
+            stages = results["stages_ms"]
+            assert bar.parts["decoder"] == pytest.approx(
+                (stages["decoder_step"]["median"] * 2 + stages.get("decoder_condition", {"median": 0})["median"])
+                / batch)
+            assert sum(bar.parts.values()) >= bar.total * (1 - 1e-9)
+        torch_bar, diffusers_bar = panel.bars
+        speedup = at_batch[0]["results"]["speedup_vs"]["diffusers"]
+        assert torch_bar.label == f"{report.significant(torch_bar.total)} ms · {report.significant(speedup)}× vs " \
+                                  "diffusers"
+        assert diffusers_bar.label == f"{report.significant(diffusers_bar.total)} ms"  # the reference
+
+
+def _record(target: str, latency_s: float, stages: dict[str, tuple[float, float]], speedup_vs: dict, *,
+            size: tuple[int, int] = (1024, 1024), batch: int = 2, tflops: float = 0.0014) -> dict:
+    """A bench record made up for the report's tests: `stages` maps a stage to (median ms, calls per run)."""
+    return {
+        "provenance": {"date": "2025-01-02T03:04:05+00:00", "device": "a test device", "driver": None, "cuda": None,
+                       "versions": {"torch": "2.0"}, "git_commit": "0123456789abcdef"},
+        "workload": {"target": target, "source": "wuerstchen-v2 (random weights, seed 0)", "backend": "torch",
+                     "dtype": "fp16", "height": size[0], "width": size[1], "batch": batch, "warmup": 2, "runs": 5,
+                     "recipe": {"prior_steps": None, "prior_guidance": 4.0, "decoder_steps": 12,
+                                "decoder_guidance": 0.0, "prior_evaluations": 29}},
+        "matmul_peak_tflops": 700.0,
+        "results": {"latency_s": {"median": latency_s, "p90": latency_s, "min": latency_s, "max": latency_s},
+                    "images_per_s": batch / latency_s, "peak_memory_gb": None, "tflops": tflops,
+                    "fraction_of_matmul_peak": tflops / 700.0, "speedup_vs": speedup_vs,
+                    "stages_ms": {stage: {"median": ms, "calls_per_run": calls} for stage, (ms, calls) in
+                                  stages.items()}},
+    }
+
+
+STAGES = {"prior_text": (10.0, 2), "prior_condition": (5.0, 1), "prior_step": (20.0, 29), "decoder_text": (20.0, 1),
+          "decoder_condition": (10.0, 1), "decoder_step": (100.0, 12), "vqgan_decode": (400.0, 1)}
+RECORDS = [
+    _record("torch", 3.0, STAGES, {"diffusers": 1.5, "diffusers-compile": 1.2}),
+    _record("diffusers", 4.5, STAGES, {"torch": 1 / 1.5, "diffusers-compile": 0.8}),
+    _record("diffusers-compile", 3.6, {}, {"torch": 1 / 1.2, "diffusers": 1.25}),
+    _record("torch", 2.0, STAGES, {}, size=(768, 1280), batch=1, tflops=1234.5),
+]
+
+
+def test_the_plot_stacks_the_parts_of_one_image_and_compares_with_the_baseline():
+    data = report.plot_data(RECORDS)
+    assert data.unit == "s"  # an image takes over a second
+    assert data.title == ("wuerstchen-v2 (random weights, seed 0) · a test device · fp16\n1024×1024, 768×1280 · "
+                          "batch 2, 1 · prior 29 evaluations, decoder 12 steps · median of 5 runs after 2 warm-up")
+    assert data.note.endswith("2025-01-02T03:04:05+00:00 · commit 0123456789 · torch 2.0")
+    assert data.sizes == ((1024, 1024), (768, 1280)) and data.batches == (2, 1)
+    first, second = data.panels
+    assert (first.title, second.title) == ("1024×1024, batch 2", "768×1280, batch 1")
+    torch_bar, diffusers_bar, compiled_bar = first.bars
+    # per run: text 10·2 + 20 ms, prior 5 + 20·29 ms, decoder 10 + 100·12 ms, VQGAN 400 ms; per image: ÷ 2
+    assert torch_bar.parts == pytest.approx({"text": 0.02, "prior": 0.2925, "decoder": 0.605, "vqgan": 0.2,
+                                             "other": 1.5 - 1.1175})
+    assert (torch_bar.total, torch_bar.label) == (1.5, "1.50 s · 1.50× vs diffusers")
+    assert (diffusers_bar.total, diffusers_bar.label) == (2.25, "2.25 s")
+    assert diffusers_bar.parts["other"] == pytest.approx(2.25 - 1.1175)
+    assert compiled_bar.parts == {report.UNSPLIT: 1.8} and compiled_bar.label == "1.80 s · 1.25× vs diffusers"
+    assert second.bars[0].label == "2.00 s"  # no baseline at this size
+    assert data.axis_label(second) == "s per image (one call ÷ batch 1; median of 5 runs)"
+
+
+def test_the_plot_of_several_sizes_and_batches_is_written(tmp_path):
+    for name in ("plot.png", "plot.svg"):
+        report.plot(RECORDS, tmp_path / name)
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (tmp_path / "plot.svg").read_bytes()[:400]
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.0014, "0.00140"), (34.70, "34.7"), (0.0288174, "0.0288"), (1234.5, "1230"), (9.996, "10.0"),
+    (0.00001234, "1.23e-05"), (2.5e7, "2.50e+07"), (0, "0"), (None, "–"),
+])
+def test_numbers_have_three_significant_digits(value, text):
+    assert report.significant(value) == text
+
+
+def test_the_table_prints_small_rates_with_significant_digits():
+    lines = report.table(RECORDS).splitlines()
+    assert "matmul peak 700 TFLOP/s" in lines[1]
+    torch_line = lines[4]
+    assert torch_line.split()[:8] == ["1024×1024", "2", "torch", "3.00", "3.00", "0.667", "20.0", "100"]
+    assert " 0.00140 " in torch_line and "2.00e-04" in torch_line  # TFLOP/s and its % of peak, not 0.00
+    assert torch_line.endswith("1.50× vs diffusers, 1.20× vs diffusers-compile")
+    assert lines[6].split()[3:12] == ["3.60", "3.60", "0.556", "–", "–", "–", "–", "0.00140", "2.00e-04"]
+    assert "1230" in lines[7]  # 1234.5 TFLOP/s
+
+
+def test_csv_appends_rows_after_one_header(tmp_path):
+    path = tmp_path / "rows.csv"
+    report.append_csv(RECORDS[:1], path)
+    report.append_csv(RECORDS[1:], path)
+    rows = list(csv.reader(path.open(newline="")))
+    assert rows[0] == list(report.CSV_COLUMNS) and len(rows) == 1 + len(RECORDS)
+    assert [row[report.CSV_COLUMNS.index("target")] for row in rows[1:]] == [r["workload"]["target"] for r in RECORDS]
 
 
 def test_csv_appends(tmp_path):
@@ -213,3 +331,79 @@ def test_the_load_benchmark_over_http_stays_on_this_machine(capsys, url):
     assert main(["bench", "--load", "--url", url, "--sizes", "128"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--url={url!r}: the load test runs against a server on this machine only" in err
+
+
+# --- outputs: checked before any work, written whole or not at all ---------------------------------------------
+
+@pytest.fixture
+def nothing_measured(monkeypatch):
+    """Fail the test if the bench builds or measures anything."""
+    def measured(*args, **kwargs):
+        raise AssertionError("the bench started work")
+
+    for name in ("run", "build_engine", "build_diffusers"):
+        monkeypatch.setattr(bench, name, measured)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "missing/dir/x.json"], "--json 'missing/dir/x.json': folder 'missing/dir' does not exist"),
+    (["--json", "folder"], "--json 'folder': is a folder: expected a file name"),
+    (["--csv", "missing/rows.csv"], "--csv 'missing/rows.csv': folder 'missing' does not exist"),
+    (["--csv", "other.csv"], "--csv 'other.csv': its header is not this bench's columns: expected a new file or "
+                             "one that `wuerstchen bench --csv` wrote"),
+    (["--plot", "plot.jpg"], "--plot 'plot.jpg': expected a file name ending in .png, .svg or .pdf"),
+    (["--plot", "missing/plot.png"], "--plot 'missing/plot.png': folder 'missing' does not exist"),
+    (["--json", "out.png", "--plot", "out.png"], "--json 'out.png' --plot 'out.png': expected a different file for "
+                                                 "each"),
+    (["--load", "--json", "missing/load.json"], "--json 'missing/load.json': folder 'missing' does not exist"),
+    (["--load", "--csv", "rows.csv"], "--csv does not apply with --load: it writes --json only"),
+])
+def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch, capsys, nothing_measured, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "other.csv").write_text("name,seconds\nx,1\n")
+    assert main(["bench", *TINY, "--no-cold-start", *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"wuerstchen bench: error: {message}\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["folder", "other.csv"]
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkeypatch, capsys, nothing_measured):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    # os.access, not the folder's mode: this may run as root, who may write anywhere.
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    assert main(["bench", *TINY, "--json", str(locked / "out.json")]) == 2
+    assert f"folder {str(locked)!r} is not writable" in capsys.readouterr().err
+
+
+def _no_space(*args):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("write, name", [(report.write_json, "out.json"), (report.append_csv, "rows.csv"),
+                                         (report.plot, "plot.png")])
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch, write, name):
+    path = tmp_path / name
+    path.write_bytes(b"the results of an earlier run\n")
+    monkeypatch.setattr(os, "fsync", _no_space)  # the disk fills up as the new content is flushed
+    with pytest.raises(OSError, match="No space left"):
+        write(RECORDS, path)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert path.read_bytes() == b"the results of an earlier run\n"
+
+
+@pytest.mark.parametrize("script", [attention, fusions, kernel_profile])
+def test_the_kernel_benchmarks_check_their_json_path_first(tmp_path, capsys, script):
+    with pytest.raises(SystemExit) as raised:
+        script.main(["--json", str(tmp_path / "missing" / "out.json")])
+    assert raised.value.code == 2
+    assert f"argument --json: {str(tmp_path / 'missing' / 'out.json')!r}: folder " in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message for a machine without a GPU")
+@pytest.mark.parametrize("script", [attention, fusions, kernel_profile])
+def test_the_kernel_benchmarks_say_in_one_line_that_they_need_a_gpu(script):
+    with pytest.raises(SystemExit, match=r"^benchmarks\.\w+ \w+ GPU kernels: no CUDA GPU is available here$"):
+        script.main([])

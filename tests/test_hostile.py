@@ -270,3 +270,20 @@ def test_an_interrupt_keeps_the_finished_images_and_no_partial_one(tmp_path, cap
     assert status == 130 and capsys.readouterr().err.endswith("wuerstchen generate: interrupted\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat-0.png"]
     assert Image.open(tmp_path / "cat-0.png").text["seed"] == "4"
+
+
+def test_an_atomic_write_keeps_the_replaced_file_s_permissions(tmp_path):
+    from engine.files import write_atomically
+
+    path = tmp_path / "results.json"
+    write_atomically(path, b"{}")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    path.chmod(0o640)
+    write_atomically(path, b"[]")
+    assert path.read_bytes() == b"[]" and path.stat().st_mode & 0o777 == 0o640 and len(list(tmp_path.iterdir())) == 1
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
