@@ -33,6 +33,7 @@ from engine.errors import WuerstchenError
 from engine.models.blocks import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, timestep_embedding
 from engine.models.decoder import Decoder
 from engine.models.prior import Prior
+from engine.models.quantized import QuantizedLinear
 from engine.models.vqgan import MixingResidualBlock, VQGANDecoder
 
 try:
@@ -165,6 +166,8 @@ class FusedAttnBlock(nn.Module):
         is x plus the output projection's bias. The projection accumulates into `residual`, in place, in its
         GEMM's epilogue, and returns it."""
         o = self._attend(normed, text_kv)
+        if isinstance(self.out, QuantizedLinear):  # its own GEMM adds the residual in its epilogue
+            return self.out(o, residual=residual, add_bias=False)  # the bias is in the residual already
         channels = o.shape[-1]
         residual.view(-1, channels).addmm_(o.reshape(-1, channels), self.out.weight.t())
         return residual
