@@ -546,7 +546,8 @@ class WuerstchenPipeline:
         config, dtype, cpu = self.config, runtime.dtype, torch.device("cpu")
 
         def denoising(request, schedule_config, latent_shape, callback) -> Denoising:
-            schedule = make_schedule(request.grid, schedule_config, dtype, runtime.device)
+            schedule = make_schedule(request.grid, schedule_config, dtype, runtime.device,
+                                     self.stages.fp32_timesteps)
             if request.latents is None:
                 initial, noise = draw_denoising_noise(latent_shape, schedule.num_steps, generator, cpu, dtype)
             else:  # as in diffusers, given latents take the first draw's place: the steps' draws move up

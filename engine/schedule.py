@@ -76,16 +76,19 @@ def sampler_step(coefficients: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
 
 
 def make_schedule(
-    grid: torch.Tensor, config: ScheduleConfig, dtype: torch.dtype, device: torch.device
+    grid: torch.Tensor, config: ScheduleConfig, dtype: torch.dtype, device: torch.device, fp32_ratios: bool = False
 ) -> DenoisingSchedule:
     """Precompute the sampler for a timestep grid (see `timestep_grid`) and a model dtype.
 
     The step after grid point i is always grid point i + 1. (diffusers looks it up by the nearest grid
     point to the rounded noise level, which is the same point for any grid coarser than fp16's rounding.)
+    The noise levels the model sees are rounded to `dtype` as diffusers rounds them, or with `fp32_ratios`
+    kept in fp32 (`Stages.fp32_timesteps`); the sampler's coefficients are diffusers' either way.
     """
     grid = grid.to(device)
-    ratios = grid[:-1].to(dtype)
-    acp = alpha_cumprod(ratios, config)  # promoted to fp32 by s
+    rounded = grid[:-1].to(dtype)
+    ratios = grid[:-1].float() if fp32_ratios else rounded
+    acp = alpha_cumprod(rounded, config)  # promoted to fp32 by s
     acp_prev = alpha_cumprod(grid[1:], config)
     alpha = acp / acp_prev
     noise_scale = ((1 - alpha) * (1.0 - acp_prev) / (1.0 - acp)).sqrt() * (grid[1:] != 0).float()

@@ -98,3 +98,22 @@ def test_norms_accumulate_in_fp32_so_large_activations_do_not_overflow(dtype):
     expected = LayerNorm2d()(x)
     actual = LayerNorm2d()(x.to(dtype))
     assert torch.isfinite(actual).all() and _relative_error(actual, expected) < BOUNDS[dtype]
+
+
+def test_bf16_steps_take_the_noise_level_unrounded(tiny_pipeline, low_precision):
+    """In bf16 the PyTorch stages take r in fp32 (`Stages.fp32_timesteps`): their step is then closer to the
+    fp32 step than with r rounded to bf16 as diffusers rounds it, most of all where r·10000 is large."""
+    if low_precision.dtype != torch.bfloat16:
+        assert not low_precision.stages.fp32_timesteps
+        return
+    assert low_precision.stages.fp32_timesteps and not tiny_pipeline.stages.fp32_timesteps
+    shapes = image_shapes(tiny_pipeline.config, 256, 256, batch=4)
+    x = torch.randn(shapes.prior_latent, generator=torch.Generator().manual_seed(1))
+    r = torch.tensor([0.9876, 0.7313, 0.5021, 0.2468])
+    reference, low = tiny_pipeline.stages, low_precision.stages
+    text = reference.prior_text(["a watercolour fox"] * 4)
+    expected = reference.prior(x, r, reference.prior.condition(text))
+    conditioning = low.prior.condition(text.bfloat16())
+    unrounded = _relative_error(low.prior(x.bfloat16(), r, conditioning), expected)
+    rounded = _relative_error(low.prior(x.bfloat16(), r.bfloat16(), conditioning), expected)
+    assert unrounded < rounded / 2, (unrounded, rounded)

@@ -63,8 +63,10 @@ def load_models(source: ModelSource, device: torch.device, dtype: torch.dtype) -
 def stages(models: Models, backend: Backend, options: BackendOptions | None = None) -> Stages:
     """The stages a PyTorch backend runs over `models`. The fast backends take ownership of the models: the
     fused stages share their weights, converted to channels-last."""
+    fp32_timesteps = next(models.prior.parameters()).dtype == torch.bfloat16
     if backend is Backend.TORCH:
-        return Stages(models.prior_text, models.prior, models.decoder_text, models.decoder, models.vqgan)
+        return Stages(models.prior_text, models.prior, models.decoder_text, models.decoder, models.vqgan,
+                      fp32_timesteps=fp32_timesteps)
     from engine.models.fused import Fusions, fuse  # Triton is needed by the fast backends only
 
     options = backend_options(backend, options)
@@ -74,4 +76,4 @@ def stages(models: Models, backend: Backend, options: BackendOptions | None = No
         prior = torch.compile(prior, fullgraph=True, dynamic=False)
         decoder = torch.compile(decoder, fullgraph=True, dynamic=False)
     graphs = StepGraphs(options.graph_cache_size) if options.cuda_graphs else None
-    return Stages(models.prior_text, prior, models.decoder_text, decoder, vqgan, graphs)
+    return Stages(models.prior_text, prior, models.decoder_text, decoder, vqgan, graphs, fp32_timesteps)

@@ -69,10 +69,14 @@ def attention_implementation(module: nn.Module, name: str):
             block.attention = function
 
 
-def timestep_embedding(r: torch.Tensor, width: int, max_positions: int = 10000) -> torch.Tensor:
-    """Sinusoidal embedding (B, width) of the noise level r ∈ [0, 1], as diffusers' `gen_r_embedding`.
+def timestep_embedding(r: torch.Tensor, width: int, dtype: torch.dtype | None = None,
+                       max_positions: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding (B, width), in `dtype` (default r's), of the noise level r ∈ [0, 1], as diffusers'
+    `gen_r_embedding`.
 
-    r·10000 is taken in r's dtype (so fp16 rounds it like the reference does), sin and cos in fp32.
+    r·10000 is taken in r's dtype, sin and cos in fp32. Given r in the model's dtype, fp16 and bf16 round it
+    as the reference does (bf16 to multiples of 32–64); given r in fp32 (`Stages.fp32_timesteps`), nothing
+    rounds it.
     """
     r = r * max_positions
     half = width // 2
@@ -81,7 +85,7 @@ def timestep_embedding(r: torch.Tensor, width: int, max_positions: int = 10000) 
     embedding = torch.cat([angles.sin(), angles.cos()], dim=1)
     if width % 2:
         embedding = F.pad(embedding, (0, 1))
-    return embedding.to(r.dtype)
+    return embedding.to(dtype or r.dtype)
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -114,7 +114,7 @@ class Decoder(nn.Module):
         """Predicted noise (B, 4, H, W), fp32, for latents x (B, 4, H, W) at noise levels r (B,), given
         `condition`'s output."""
         inject = self.config.inject_effnet
-        r_embed = timestep_embedding(r, self.config.c_r)
+        r_embed = timestep_embedding(r, self.config.c_r, x.dtype)
         kv_iter = iter(conditioning[:self.num_text_kv])
         effnet_iter = iter(conditioning[self.num_text_kv:])
 

@@ -270,7 +270,7 @@ class FusedPrior(nn.Module):
         levels r (B,)."""
         x = x.contiguous(memory_format=torch.channels_last)
         x_in = x
-        r_embed = timestep_embedding(r, self.config.c_r)
+        r_embed = timestep_embedding(r, self.config.c_r, x.dtype)
         films = self.films(r_embed) if self.films is not None else None
         kv_iter = iter(text_kv)
         x = self.plain.projection(x)
@@ -309,7 +309,7 @@ class FusedDecoder(nn.Module):
         r (B,)."""
         inject = self.config.inject_effnet
         x = x.contiguous(memory_format=torch.channels_last)
-        r_embed = timestep_embedding(r, self.config.c_r)
+        r_embed = timestep_embedding(r, self.config.c_r, x.dtype)
         films = self.films(r_embed) if self.films is not None else None
         kv_iter = iter(conditioning[:self.num_text_kv])
         effnet_iter = iter(conditioning[self.num_text_kv:])

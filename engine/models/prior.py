@@ -45,7 +45,7 @@ class Prior(nn.Module):
         """Predicted noise (B, c_in, h, w), fp32, for latents x (B, c_in, h, w) at noise levels r (B,), given
         `condition`'s output."""
         x_in = x
-        r_embed = timestep_embedding(r, self.config.c_r)
+        r_embed = timestep_embedding(r, self.config.c_r, x.dtype)
         x = self.projection(x)
         for layer, kv in zip(self.layers, text_kv, strict=True):
             x = layer(x, r_embed, kv)
