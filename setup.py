@@ -43,7 +43,7 @@ setup(
         "console_scripts": ["wuerstchen=engine.cli:main"],
         # Subcommands of the layers above the runtime, which `engine.cli` finds here without importing them.
         "wuerstchen.commands": ["export = export.cli:add_export", "build = export.cli:add_build",
-                                "bench = benchmarks.bench:add_parser", "serve = engine.serving:add_parser"],
+                                "bench = benchmarks.cli:add_parser", "serve = engine.serving:add_parser"],
         # The engine builder that the TensorRT runtime uses when asked to build missing engines on load.
         "wuerstchen.builders": ["tensorrt = export.tensorrt:build_engines"],
     },

@@ -6,6 +6,9 @@ traceback.
 them into a `Runtime` (`resolve_flags`). The commands of the layers above the runtime register themselves
 as entry points of the group `wuerstchen.commands` (setup.py): `export` and `build` from `export`, `bench`
 from `benchmarks`. The runtime never imports them.
+
+Torch, the pipeline and the scheduler are imported by the functions that run a command, not by this module,
+so that `wuerstchen --help` answers at once.
 """
 
 from __future__ import annotations
@@ -16,18 +19,22 @@ import os
 import secrets
 import sys
 import time
-from importlib.metadata import entry_points
+import warnings
+from importlib.metadata import entry_points, version
 from pathlib import Path
 
+import engine
 from engine.errors import WuerstchenError
-from engine.scheduler import DeadlineExceeded, Refused, RequestFailed
+from engine.precision import Precision
 
 COMMANDS_GROUP = "wuerstchen.commands"
+DEMO_SIZE = 256  # the demo model's default image side: a few seconds on a CPU
 DEMO_NOTICE = (
-    "no --prior/--decoder given: running the built-in tiny demo model, whose weights are random, so the "
-    "image is noise. For real images, pass --decoder warp-ai/wuerstchen (read from the Hugging Face cache, "
-    "downloaded there when the Hub is reachable), or folders downloaded with `hf download` "
-    "(--prior wuerstchen-prior --decoder wuerstchen)."
+    "no --prior/--decoder given: running the built-in tiny demo model, whose weights are random (calibrated so "
+    "that the image shows shapes and colours that follow the prompt and the seed, but not a picture of "
+    f"anything), at {DEMO_SIZE}×{DEMO_SIZE} unless --height/--width say otherwise. For real images, pass "
+    "--decoder warp-ai/wuerstchen (read from the Hugging Face cache, downloaded there when the Hub is "
+    "reachable), or folders downloaded with `hf download` (--prior wuerstchen-prior --decoder wuerstchen)."
 )
 EMBEDDINGS_FORMAT = "wuerstchen-image-embeddings"
 
@@ -77,9 +84,9 @@ def model_flags(parser: argparse.ArgumentParser, *, default_preset: str, bundles
                                  "`wuerstchen build`)")
     parser.add_argument("--device", default=default_device,
                         help=f"auto, cpu, cuda or cuda:N (default {default_device})")
-    auto = ": fp16 on a GPU, fp32 on the CPU; a bundle's own on ONNX Runtime; bf16 on TensorRT"
-    parser.add_argument("--dtype", default=default_dtype, help=f"auto, fp32, fp16 or bf16 (default {default_dtype}"
-                                                               f"{auto if default_dtype == 'auto' else ''})")
+    auto = "fp16 on a GPU, fp32 on the CPU" + ("; a bundle's own on ONNX Runtime; bf16 on TensorRT" if bundles else "")
+    parser.add_argument("--dtype", default=default_dtype,
+                        help=f"auto ({auto}), {Precision.describe()} (default {default_dtype})")
     parser.set_defaults(default_preset=default_preset)
 
 
@@ -120,11 +127,11 @@ def _writable_folder(flag: str, file: str) -> None:
         raise WuerstchenError(f"{flag}={file!r}: folder {str(parent)!r} is not writable")
 
 
-def _recipe(args: argparse.Namespace):
-    """The recipe the flags ask for: the published one where a flag is not given."""
+def _recipe(args: argparse.Namespace, demo: bool):
+    """The recipe the flags ask for: the published one where a flag is not given, at `DEMO_SIZE` for the demo."""
     from engine.recipe import Recipe
 
-    published = Recipe()
+    published = Recipe(height=DEMO_SIZE, width=DEMO_SIZE) if demo else Recipe()
     given = {name: getattr(args, flag) for name, flag in (
         ("height", "height"), ("width", "width"), ("prior_steps", "prior_steps"),
         ("prior_guidance", "prior_guidance"), ("decoder_steps", "decoder_steps"),
@@ -201,10 +208,12 @@ def generate(args: argparse.Namespace) -> int:
 
     from engine.memory import check_fits, request_bytes
     from engine.pipeline import WuerstchenPipeline, check_decoder_request, check_image_embeddings, check_prior_request
+    from engine.png import png_settings
 
     runtime = resolve_flags(args)
     config = runtime.source.read_config()
-    recipe = _recipe(args)
+    demo = runtime.source.kind == "preset" and runtime.source.preset == "tiny"
+    recipe = _recipe(args, demo)
 
     # 1. Check everything a user typed before loading gigabytes of weights.
     if args.out is None and args.save_embeddings is None:
@@ -224,7 +233,8 @@ def generate(args: argparse.Namespace) -> int:
                                       "already run (the size follows from the embeddings)")
         embeddings, states, stored_seeds = read_embeddings(args.embeddings)
         embeddings = check_image_embeddings(config, embeddings, torch.device("cpu"), torch.float32)
-        check_decoder_request(config, embeddings.shape, num_images_per_prompt=args.num_images, **decoder_args)
+        decoder = check_decoder_request(config, embeddings.shape, num_images_per_prompt=args.num_images,
+                                        **decoder_args)
         if args.seed is None and args.num_images > 1:
             raise WuerstchenError("--num-images with --embeddings needs --seed: each saved generator state continues "
                                   "one image")
@@ -244,10 +254,18 @@ def generate(args: argparse.Namespace) -> int:
     if args.save_embeddings is not None:
         _writable_folder("--save-embeddings", args.save_embeddings)
 
-    # 2. Load.
-    start = time.perf_counter()
-    if runtime.source.kind == "preset" and runtime.source.preset == "tiny":
+    # 2. Say what runs (the command line's defaults are the published recipe's, not the Python API's), and load.
+    if demo:
         print(f"wuerstchen: {DEMO_NOTICE}", file=sys.stderr)
+    if args.embeddings is None:
+        work = recipe.describe()
+    else:
+        work = (f"decoding {args.embeddings} into {count} image{'s' if count > 1 else ''} of "
+                f"{decoder.shapes.height}×{decoder.shapes.width}, {recipe.decoder_steps} decoder steps (guidance "
+                f"{recipe.decoder_guidance:g})")
+    print(f"wuerstchen: {work}; {runtime.precision.value} on {runtime.device}, backend {runtime.backend.value}",
+          file=sys.stderr)
+    start = time.perf_counter()
     pipe = WuerstchenPipeline.load(runtime)
     load_seconds = time.perf_counter() - start
 
@@ -258,11 +276,7 @@ def generate(args: argparse.Namespace) -> int:
     seeds = [(first + i) % 2**64 for i in range(count)]
     if args.embeddings is not None and args.seed is None:
         seeds = stored_seeds
-    settings = {"prior_num_inference_steps": recipe.prior_evaluations,
-                "prior_timesteps": "published" if recipe.published_prior else "linspace",
-                "prior_guidance_scale": recipe.prior_guidance, "height": recipe.height, "width": recipe.width,
-                "num_inference_steps": recipe.decoder_steps, "decoder_guidance_scale": recipe.decoder_guidance,
-                "model": runtime.describe(), "dtype": runtime.precision.value, "device": runtime.device.type}
+    settings = png_settings(recipe, runtime)
     if args.embeddings is not None:
         settings.update(embeddings=Path(args.embeddings).name, height=None, width=None)
         for key in ("prior_num_inference_steps", "prior_timesteps", "prior_guidance_scale"):
@@ -310,22 +324,15 @@ def _add(timings: dict[str, float], more: dict[str, float]) -> None:
 
 def _write_pngs(images, paths: list[Path], indices: range, args: argparse.Namespace, seeds: list[int],
                 settings: dict) -> None:
-    """Each image with its seed and the settings in its text chunks (nothing time-dependent: same seed, same
-    bytes), each file written whole or not at all."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from engine.files import atomic_writer
+    """Each image with its prompt, seed and the settings in its text chunks (nothing time-dependent: same
+    seed, same bytes), each file written whole or not at all."""
+    from engine.png import write_png
 
     for index, image, path, seed in zip(indices, images, paths, seeds, strict=True):
-        info = PngInfo()
-        info.add_text("prompt", args.prompt)
-        info.add_text("negative_prompt", args.negative_prompt or "")
-        info.add_text("seed", str(seed))
-        info.add_text("image_index", str(index))
-        info.add_text("settings", json.dumps(settings, sort_keys=True))
+        text = {"prompt": args.prompt, "negative_prompt": args.negative_prompt or "", "seed": str(seed),
+                "image_index": str(index), "settings": settings}
         try:
-            with atomic_writer(path) as file:
-                image.save(file, format="PNG", pnginfo=info)
+            write_png(path, image, text)
         except OSError as error:
             reason = error.strerror or error
             raise WuerstchenError(f"--out={args.out!r}: cannot write {str(path)!r}: {reason}") from None
@@ -337,18 +344,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     published = Recipe()
     parser = _Parser(prog="wuerstchen", description="Würstchen v2 text-to-image inference engine.")
+    parser.add_argument("--version", action="version",
+                        version=f"wuerstchen {engine.__version__} (torch {version('torch')})")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = commands.add_parser("generate", help="make images from a prompt",
                               description="Make images from a prompt. Without --prior/--decoder, runs a tiny "
-                                          "demo model with random weights.")
+                                          f"demo model with random weights, at {DEMO_SIZE}×{DEMO_SIZE}.")
     gen.add_argument("prompt", help="what the image shows (empty is allowed)")
     gen.add_argument("--out", metavar="FILE.png",
                      help="where to write the image; with --num-images N, FILE-0.png … FILE-(N-1).png")
     model_flags(gen, default_preset="tiny")
     gen.add_argument("--negative-prompt", help="what the image should not show (used by every guided stage)")
-    gen.add_argument("--height", type=int, help=f"pixels, a multiple of 128 (default {published.height})")
-    gen.add_argument("--width", type=int, help=f"pixels, a multiple of 128 (default {published.width})")
+    gen.add_argument("--height", type=int, help=f"pixels, a multiple of 128 (default {published.height}; "
+                                                f"{DEMO_SIZE} for the demo model)")
+    gen.add_argument("--width", type=int, help=f"pixels, a multiple of 128 (default {published.width}; "
+                                               f"{DEMO_SIZE} for the demo model)")
     gen.add_argument("--prior-steps", type=int, metavar="N",
                      help="evenly spaced prior steps (default: the published 29-step schedule)")
     gen.add_argument("--decoder-steps", type=int, metavar="N",
@@ -379,18 +390,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args)
     except WuerstchenError as error:
         print(f"wuerstchen {args.command}: error: {_in_flag_names(str(error))}", file=sys.stderr)
         return 2
-    except (Refused, DeadlineExceeded, RequestFailed) as error:
-        # Not the input's fault (a device error, a deadline): one line, and a status that says "failed".
-        print(f"wuerstchen {args.command}: failed: {error}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         # Every file is written whole or not at all, so an interrupted command leaves nothing half-written.
         print(f"wuerstchen {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not isinstance(error, _scheduler_failures()):
+            raise
+        # Not the input's fault (a device error, a deadline): one line, and a status that says "failed".
+        print(f"wuerstchen {args.command}: failed: {error}", file=sys.stderr)
+        return 1
+
+
+def _scheduler_failures() -> tuple[type[Exception], ...]:
+    """The scheduler's refusals and failures, if a command loaded the scheduler (else none can be raised)."""
+    scheduler = sys.modules.get("engine.scheduler")
+    return (scheduler.Refused, scheduler.DeadlineExceeded, scheduler.RequestFailed) if scheduler else ()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line, without the source line Python shows under it."""
+    print(f"wuerstchen: warning: {message}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":

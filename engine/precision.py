@@ -2,14 +2,14 @@
 
 A user writes a precision as `fp16`, `float16`, `half`, `FP16` or `torch.float16`; everything inside the
 engine holds a `Precision`. Its `torch_dtype` is what the PyTorch stages run in, and its `onnx_name`
-what a bundle's manifest and graphs call it.
+what a bundle's manifest and graphs call it. Importing this module does not import torch (the command
+line's help lists the precisions without it).
 """
 
 from __future__ import annotations
 
+import sys
 from enum import Enum
-
-import torch
 
 from engine.errors import WuerstchenError
 
@@ -20,31 +20,38 @@ class Precision(str, Enum):
     BF16 = "bf16"
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return _TORCH[self]
+    def torch_dtype(self):
+        """The `torch.dtype`: torch.float32, torch.float16 or torch.bfloat16."""
+        import torch
+
+        return getattr(torch, self.onnx_name)
 
     @property
     def onnx_name(self) -> str:
         """The name a bundle's manifest uses: `float32`, `float16` or `bfloat16`."""
-        return str(self.torch_dtype).removeprefix("torch.")
+        return _FULL_NAMES[self]
 
     @classmethod
-    def parse(cls, value: str | torch.dtype | Precision, field: str = "dtype") -> Precision:
-        """A precision from any spelling users write: `fp16`, `float16`, `half`, `FP16`, `torch.float16`."""
-        if isinstance(value, torch.dtype):
-            for precision, dtype in _TORCH.items():
-                if dtype == value:
+    def parse(cls, value, field: str = "dtype") -> Precision:
+        """A precision from any spelling users write, in any case (`fp16`, `float16`, `half`, `FP16`), or from a
+        `torch.dtype` (`torch.float16`)."""
+        if isinstance(value, str):
+            if value.lower() in _SPELLINGS:
+                return _SPELLINGS[value.lower()]
+        elif isinstance(value, _torch_dtype()):
+            for precision in cls:
+                if precision.torch_dtype == value:
                     return precision
-        elif isinstance(value, str) and value.lower() in _SPELLINGS:
-            return _SPELLINGS[value.lower()]
         raise WuerstchenError(f"{field}={_shown(value)} is not supported: expected {cls.describe()}")
 
     @classmethod
     def describe(cls) -> str:
-        return "fp32, fp16 or bf16 (or float32, float16/half, bfloat16)"
+        """Every spelling `parse` takes."""
+        aliases = [spelling for spelling in _SPELLINGS if spelling not in {p.value for p in cls}]
+        return f"fp32, fp16 or bf16 (or {', '.join(aliases)}; in any case)"
 
 
-_TORCH = {Precision.FP32: torch.float32, Precision.FP16: torch.float16, Precision.BF16: torch.bfloat16}
+_FULL_NAMES = {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}
 _SPELLINGS = {
     spelling: precision
     for precision, spellings in (
@@ -56,5 +63,11 @@ _SPELLINGS = {
 }
 
 
+def _torch_dtype() -> tuple[type, ...]:
+    """`torch.dtype` when torch is imported (if it is not, no value can be one)."""
+    torch = sys.modules.get("torch")
+    return (torch.dtype,) if torch is not None else ()
+
+
 def _shown(value) -> str:
-    return str(value) if isinstance(value, torch.dtype) else repr(value)
+    return repr(value) if isinstance(value, str) else str(value)

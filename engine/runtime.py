@@ -8,11 +8,13 @@ none decides again. The rules, in one place:
 - device: "auto" is the first GPU when there is one; ONNX Runtime derives it from its execution providers;
   TensorRT needs a GPU;
 - precision: "auto" is fp16 on a GPU and fp32 on the CPU for the PyTorch backends, the bundle's own for
-  ONNX Runtime (which cannot convert it), and bf16 for TensorRT (its engines' default build).
+  ONNX Runtime (which cannot convert it), and bf16 for TensorRT (its engines' default build); fp16 or bf16
+  asked of the PyTorch backends on the CPU runs, with a `SlowPrecisionWarning` (once).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +27,10 @@ from engine.errors import WuerstchenError
 from engine.hub import connected_prior, local_folder
 from engine.precision import Precision
 from kernels import interpreted
+
+
+class SlowPrecisionWarning(UserWarning):
+    """A precision that runs slower where it was asked for than fp32 would: fp16 or bf16 on the CPU."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,11 @@ def resolve(
         if backend.fast and device.type != "cuda" and not interpreted():
             raise WuerstchenError(f"backend={backend.value!r} runs Triton kernels on a CUDA GPU (on a CPU only in "
                                   "Triton's interpreter, TRITON_INTERPRET=1, for tests): use backend='torch'")
+        if device.type == "cpu" and precision is not Precision.FP32:
+            # Attributed to this line (stacklevel 1), so Python's default filter shows it once per process.
+            warnings.warn(f"dtype={precision.value!r} on the CPU is slower than fp32 on most CPUs (PyTorch's CPU "
+                          "kernels are fastest in fp32): pass fp32 unless you need the lower precision's numbers",
+                          SlowPrecisionWarning, stacklevel=1)
     return Runtime(source, backend, device, precision, options)
 
 

@@ -11,15 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from engine.config import ScheduleConfig
-
-# diffusers' DEFAULT_STAGE_C_TIMESTEPS: 19 steps of 1/57 down to 2/3, then 10 steps of 1/15 (29 evaluations).
-DEFAULT_PRIOR_TIMESTEPS: tuple[float, ...] = tuple(
-    float(t) for t in (*np.linspace(1.0, 2 / 3, 20), *np.linspace(2 / 3, 0.0, 11)[1:])
-)
 
 Generator = torch.Generator | list[torch.Generator] | None
 

@@ -8,6 +8,7 @@ shape against the config, and assigned: loading costs the disk read.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
@@ -16,13 +17,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.config import DecoderConfig, PriorConfig, ScheduleConfig, VQGANConfig, WuerstchenConfig
 from engine.errors import WuerstchenError
 from engine.files import inside
+from engine.models import Decoder, Prior, VQGANDecoder
+from engine.models.blocks import AttnBlock, TimestepBlock
+from engine.models.decoder import resize_image_embeddings
 from engine.models.vqgan import ENCODER_PREFIXES
+from engine.recipe import Recipe
+from engine.shapes import TEXT_TOKENS
 from engine.text import text_encoder_config
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -195,21 +202,186 @@ def random_stage(
     model_class: Callable[..., nn.Module], config, seed: int, device: torch.device, dtype: torch.dtype,
     shrink: tuple[str, ...] = (),
 ) -> nn.Module:
-    """`model_class(config)` with seeded random weights, the same on every device: each weight matrix
-    N(0, 1/fan_in), every other parameter N(0, 0.02²), drawn on the CPU one tensor at a time, and the
-    parameters whose names start with a prefix in `shrink` scaled by 0.1.
+    """`model_class(config)` with seeded random weights, the same on every device: drawn on the CPU in fp32
+    from one generator, tensor by tensor, `calibrate`d there, then moved to `device` and `dtype`.
 
-    None stays zero, unlike the models' training init, so that every layer acts on its input.
+    Each weight matrix is N(0, 1/fan_in) and every other parameter N(0, 0.02²), so that every layer acts on
+    its input (the models' training init leaves some at zero). Some are drawn otherwise, because plain draws
+    would leave a picture nothing to show:
+    - those whose names start with a prefix in `shrink`, and the timestep blocks' mappers, are scaled by 0.1
+      (a random timestep mapping makes every denoising step a different network);
+    - the attention blocks' text mappers (`kv_mapper`) are scaled by `TEXT_GAIN`: the random text encoders
+      give different prompts nearly the same states (most of the 77 are padding), and the stages must still
+      tell them apart for the prompt to change the picture;
+    - an up-sampler's taps share one draw: a transposed conv is one channel mix times a nearest (kernel =
+      stride) or linear (kernel = 2·stride) interpolation kernel, and a conv before a pixel shuffle gives
+      every sub-pixel of a channel the same weights (random taps tile the image with the up-sampler's period).
     """
     with torch.device("meta"):
-        shapes = {key: tensor.shape for key, tensor in model_class(config).state_dict().items()}
+        skeleton = model_class(config)
+    scales = {prefix: 0.1 for prefix in shrink}
+    for name, module in skeleton.named_modules():
+        if isinstance(module, TimestepBlock):
+            scales[f"{name}.mapper."] = 0.1
+        elif isinstance(module, AttnBlock):
+            scales[f"{name}.kv_mapper.weight"] = TEXT_GAIN
+    shared_taps = _shared_tap_draws(skeleton)
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for key, shape in shapes.items():
+    for key, tensor in skeleton.state_dict().items():
+        shape = tensor.shape
         fan_in = shape[1:].numel() if len(shape) > 1 else 0
-        std = (fan_in**-0.5 if fan_in > 1 else 0.02) * (0.1 if key.startswith(shrink) else 1.0)
-        state[key] = (torch.randn(shape, generator=generator) * std).to(device=device, dtype=dtype)
-    return build_with_weights(model_class, config, state)
+        std = (fan_in**-0.5 if fan_in > 1 else 0.02) * math.prod(
+            scale for prefix, scale in scales.items() if key.startswith(prefix))
+        state[key] = shared_taps.get(key, _plain_draw)(shape, std, generator)
+    model = build_with_weights(model_class, config, state)
+    calibrate(model, generator)
+    return model.to(device=device, dtype=dtype)
+
+
+TEXT_GAIN = 16.0  # the attention blocks' text mappers, against a plain draw (see `random_stage`)
+
+
+Draw = Callable[[torch.Size, float, torch.Generator], torch.Tensor]
+
+
+def _plain_draw(shape: torch.Size, std: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=generator) * std
+
+
+def _shared_tap_draws(model: nn.Module) -> dict[str, Draw]:
+    """How to draw the parameters of each up-sampler in `model` (see `random_stage`), by state-dict key."""
+    draws = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ConvTranspose2d) and module.groups == 1:
+            kernel = _interpolation_kernel(module.kernel_size, module.stride)
+            if kernel is not None:
+                draws[f"{name}.weight"] = _transposed_draw(kernel)
+        if isinstance(module, nn.Sequential):
+            for index, (conv, shuffle) in enumerate(itertools.pairwise(module)):
+                if isinstance(conv, nn.Conv2d) and isinstance(shuffle, nn.PixelShuffle):
+                    for parameter in ("weight", "bias"):
+                        draws[f"{name}.{index}.{parameter}"] = _sub_pixel_draw(shuffle.upscale_factor)
+    return draws
+
+
+def _interpolation_kernel(kernel: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor | None:
+    """The 2-D taps of nearest (kernel = stride) or linear (kernel = 2·stride) interpolation, which sum to 1 at
+    every output pixel; None for any other transposed conv."""
+    sides = []
+    for k, s in zip(kernel, stride, strict=True):
+        if k not in (s, 2 * s):
+            return None
+        sides.append(torch.ones(k) if k == s else 1 - (torch.arange(k) - (k - 1) / 2).abs() / s)
+    return sides[0][:, None] * sides[1][None, :]
+
+
+def _transposed_draw(kernel: torch.Tensor) -> Draw:
+    def draw(shape: torch.Size, std: float, generator: torch.Generator) -> torch.Tensor:
+        in_channels, out_channels = shape[:2]
+        mix = torch.randn(in_channels, out_channels, 1, 1, generator=generator) * in_channels**-0.5
+        return mix * kernel
+    return draw
+
+
+def _sub_pixel_draw(factor: int) -> Draw:
+    def draw(shape: torch.Size, std: float, generator: torch.Generator) -> torch.Tensor:
+        channels = shape[0] // factor**2
+        one = torch.randn(channels, 1, *shape[1:], generator=generator) * std
+        return one.expand(channels, factor**2, *shape[1:]).reshape(shape)
+    return draw
+
+
+# What `calibrate` aims the random stages at, and what it runs them on.
+HEAD_STD = {Prior: 0.25, Decoder: 1.0}  # spread of the denoisers' clean-latent half of the head
+EMBEDDING_STD = 20.0  # about the spread of the calibrated prior's image embeddings (latents × 42 − 1)
+LATENT_STD = 1.0  # the spread of the latents the VQGAN is calibrated on
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.2  # each colour of the VQGAN's image, before clamping to [0, 1]
+NOISE_LEVELS = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75)  # one calibration input at each
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, generator: torch.Generator) -> None:
+    """Rescale the output head of a random-weight Prior, Decoder or VQGANDecoder (other models are left as they
+    are) so that its output has a spread the next stage can use and a picture shows, measured on calibration
+    inputs drawn from `generator`: deterministic, the same seed gives the same weights. Without it the
+    denoisers' heads are too weak to steer sampling (the sample is the sampler's own noise) and the VQGAN's
+    image is nearly black; with it the random-weight demo shows shapes and colours that follow the seed and
+    the prompt. It gives the weights no meaning: the pictures are still not of anything.
+
+    Each calibration input holds, per noise level in `NOISE_LEVELS`: standard normal latents; text states that
+    are one standard normal vector repeated at all 77 tokens (as the random text encoders' states nearly are);
+    for the decoder, a smooth image embedding of spread `EMBEDDING_STD`. The first half of a denoiser's head
+    (what its noise prediction subtracts from the latents) is scaled and shifted to mean 0 and spread
+    `HEAD_STD`, the prior's as guided by the published recipe (guidance 4, against a second text). The VQGAN
+    decodes smooth latents of spread `LATENT_STD`; each colour is scaled and shifted to mean `IMAGE_MEAN`
+    and spread `IMAGE_STD`.
+    """
+    count = len(NOISE_LEVELS)
+    noise_levels = torch.tensor(NOISE_LEVELS)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator)
+
+    def text(width: int) -> torch.Tensor:
+        return randn(count, 1, width)
+
+    def at_every_token(conditioning: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Conditioning computed from one token's states, as from 77 tokens of the same state: it is computed
+        token by token, so the text's keys and values are only repeated (the rest, image maps, is kept)."""
+        return tuple(c.expand(-1, TEXT_TOKENS, -1) if c.dim() == 3 else c for c in conditioning)
+
+    def smooth(channels: int, side: int) -> torch.Tensor:
+        """A per-channel offset plus a pattern interpolated from a 4×4 grid, each of spread 1/√2: a colour
+        and shapes, as latents and image embeddings have them."""
+        pattern = F.interpolate(randn(count, channels, 4, 4), size=(side, side), mode="bicubic")
+        return (randn(count, channels, 1, 1) + pattern / pattern.std()) / math.sqrt(2)
+
+    if isinstance(model, Prior):
+        config, guidance = model.config, Recipe().prior_guidance
+        latents = randn(count, config.c_in, 4, 4)
+        conditioning = at_every_token(model.condition(torch.cat([text(config.c_cond), text(config.c_cond)])))
+        heads = _head_outputs(model.out[1], lambda: model(latents.repeat(2, 1, 1, 1), noise_levels.repeat(2),
+                                                          conditioning))
+        prompted, negative = heads.chunk(2)
+        _standardize(model.out[1], torch.lerp(negative, prompted, guidance), config.c_in, 1, 0.0, HEAD_STD[Prior])
+    elif isinstance(model, Decoder):
+        config = model.config
+        side = config.downscale
+        levels = tuple((side // (config.patch_size * 2**i),) * 2 for i in range(len(config.c_hidden)))
+        pyramid = resize_image_embeddings(smooth(config.effnet_embd, 8) * EMBEDDING_STD, config, levels)
+        conditioning = at_every_token(model.condition(pyramid, text(config.clip_embd)))
+        heads = _head_outputs(model.clf[1], lambda: model(randn(count, config.c_in, side, side), noise_levels,
+                                                          conditioning))
+        rows = config.c_out * config.patch_size**2
+        _standardize(model.clf[1], heads, rows, config.patch_size**2, 0.0, HEAD_STD[Decoder])
+    elif isinstance(model, VQGANDecoder):
+        config = model.config
+        latents = smooth(config.latent_channels, 16) * LATENT_STD
+        heads = _head_outputs(model.out_block[0], lambda: model(latents))
+        factor = config.up_down_scale_factor
+        _standardize(model.out_block[0], heads, config.out_channels * factor**2, factor**2, IMAGE_MEAN, IMAGE_STD)
+
+
+def _head_outputs(head: nn.Module, run: Callable[[], object]) -> torch.Tensor:
+    """Every output of `head` while `run()` runs, concatenated along the batch."""
+    outputs = []
+    hook = head.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return torch.cat(outputs)
+
+
+def _standardize(head: nn.Conv2d, outputs: torch.Tensor, rows: int, group: int, mean: float, std: float) -> None:
+    """Scale and shift the first `rows` output channels of `head` so that each group of `group` consecutive
+    channels (one channel after a pixel shuffle) would have had mean `mean` and spread `std` in `outputs`."""
+    values = outputs[:, :rows].transpose(0, 1).reshape(rows // group, -1)
+    scale = (std / values.std(dim=1)).repeat_interleave(group)
+    shift = mean - values.mean(dim=1).repeat_interleave(group) * scale
+    head.weight[:rows] *= scale.view(-1, *[1] * (head.weight.dim() - 1))
+    head.bias[:rows] = head.bias[:rows] * scale + shift
 
 
 # The pipelines' constants in model_index.json: the prior's three, then the decoder's.

@@ -1,5 +1,7 @@
 """`wuerstchen export` and `wuerstchen build`, registered as entry points of `wuerstchen.commands` (setup.py):
-the build tools add their commands to the runtime's command line, which never imports them."""
+the build tools add their commands to the runtime's command line, which never imports them. Every
+`wuerstchen` invocation imports this module to build its parser, so it imports nothing heavy: the tools are
+imported by the commands that run them."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import time
 
 from engine.cli import model_flags, resolve_flags
 from engine.errors import WuerstchenError
+from engine.precision import Precision
 
 
 def add_export(commands) -> None:
@@ -65,8 +68,8 @@ def add_build(commands) -> None:
                     "profiles and cache keys without building.")
     build.add_argument("bundle", metavar="BUNDLE", help="a bundle folder written by `wuerstchen export`")
     build.add_argument("--dtype", "--precision", dest="dtype", default="auto",
-                       help="the engines' precision: auto (bf16 for an fp32 bundle, else the bundle's own), fp32, "
-                            "fp16 or bf16")
+                       help="the engines' precision: auto (bf16 for an fp32 bundle, else the bundle's own), "
+                            f"{Precision.describe()}")
     build.add_argument("--check", action="store_true", help="print what would be built, and build nothing")
     build.add_argument("--cache", metavar="DIR", help="the engine cache (default BUNDLE/engines)")
     build.add_argument("--max-batch", type=int, default=4, help="images per call the engines accept (default 4)")

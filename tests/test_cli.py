@@ -21,8 +21,11 @@ def test_demo_writes_a_png_with_its_settings(tmp_path, capsys):
     out = tmp_path / "cat.png"
     assert main(["generate", "a cat", "--out", str(out), "--seed", "5", "--negative-prompt", "dog", *FAST]) == 0
     captured = capsys.readouterr()
-    assert "tiny demo model, whose weights are random, so the image is noise" in captured.err
+    assert "tiny demo model, whose weights are random" in captured.err and "not a picture of anything" in captured.err
     assert "--prior wuerstchen-prior --decoder wuerstchen" in captured.err
+    # The command line's defaults are not the Python API's: what runs is said before it runs.
+    assert "wuerstchen: 128×256, 2 prior steps (2 evaluations, guidance 4), 2 decoder steps (guidance 0); fp32 on " \
+           "cpu, backend torch\n" in captured.err
     assert f"wrote {out} (256×128, seed 5)" in captured.out
     assert "prior" in captured.out.splitlines()[-1] and "decoder" in captured.out.splitlines()[-1]
 
@@ -32,6 +35,15 @@ def test_demo_writes_a_png_with_its_settings(tmp_path, capsys):
     settings = json.loads(image.text["settings"])
     assert settings["height"] == 128 and settings["width"] == 256 and settings["prior_num_inference_steps"] == 2
     assert settings["dtype"] == "fp32" and settings["model"] == "tiny demo (random weights, seed 0) on torch, cpu, fp32"
+
+
+def test_decoding_saved_embeddings_says_what_it_decodes(tmp_path, capsys):
+    embeddings = tmp_path / "fox.safetensors"
+    assert main(["generate", "a fox", "--seed", "3", "--save-embeddings", str(embeddings), *FAST]) == 0
+    assert main(["generate", "a fox", "--embeddings", str(embeddings), "--num-images", "2", "--seed", "3",
+                 "--decoder-steps", "2", "--out", str(tmp_path / "fox.png")]) == 0
+    assert f"wuerstchen: decoding {embeddings} into 2 images of 128×256, 2 decoder steps (guidance 0); fp32 on cpu, " \
+           "backend torch\n" in capsys.readouterr().err
 
 
 def test_same_seed_same_bytes_other_seed_other_image(tmp_path):

@@ -167,7 +167,8 @@ def dump_numerics(out: Path, build: str) -> dict:
     import torch.nn.functional as F
 
     from engine.config import ScheduleConfig
-    from engine.schedule import DEFAULT_PRIOR_TIMESTEPS, make_schedule, sampler_step, timestep_grid
+    from engine.recipe import DEFAULT_PRIOR_TIMESTEPS
+    from engine.schedule import make_schedule, sampler_step, timestep_grid
 
     assert torch.backends.cpu.get_cpu_capability().lower() == build, torch.backends.cpu.get_cpu_capability()
     writer = Writer(out, prefix=f"{build}-")

@@ -9,17 +9,16 @@ passed on with the pipeline's field names translated to the API's.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
 from dataclasses import dataclass, field
 
 import torch
-from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.errors import WuerstchenError
+from engine.png import encode_png, png_settings
 from engine.recipe import Recipe
 from engine.scheduler import (
     DeadlineExceeded,
@@ -260,31 +259,13 @@ def _size(size: str | None, defaults: Recipe, config) -> tuple[int, int]:
 
 # --- images ---------------------------------------------------------------------------------------------
 
-def png_settings(recipe: Recipe, runtime) -> dict:
-    """The settings a PNG records, as `wuerstchen generate` writes them: the same request gives the same file."""
-    return {"prior_num_inference_steps": recipe.prior_evaluations,
-            "prior_timesteps": "published" if recipe.published_prior else "linspace",
-            "prior_guidance_scale": recipe.prior_guidance, "height": recipe.height, "width": recipe.width,
-            "num_inference_steps": recipe.decoder_steps, "decoder_guidance_scale": recipe.decoder_guidance,
-            "model": runtime.describe(), "dtype": runtime.precision.value, "device": runtime.device.type}
-
-
 def png_files(images: list, job: Job, runtime) -> list[bytes]:
     """Each image as a PNG file with the prompt, negative prompt, its seed, its index and the settings in its
     text chunks, in `wuerstchen generate`'s order (nothing time-dependent: the same request, the same bytes)."""
-    settings = json.dumps(png_settings(job.recipe, runtime), sort_keys=True)
-    files = []
-    for index, (image, seed) in enumerate(zip(images, job.seeds, strict=True)):
-        info = PngInfo()
-        info.add_text("prompt", job.prompt)
-        info.add_text("negative_prompt", job.negative_prompt or "")
-        info.add_text("seed", str(seed))
-        info.add_text("image_index", str(index))
-        info.add_text("settings", settings)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=info)
-        files.append(buffer.getvalue())
-    return files
+    settings = png_settings(job.recipe, runtime)
+    return [encode_png(image, {"prompt": job.prompt, "negative_prompt": job.negative_prompt or "", "seed": str(seed),
+                               "image_index": str(index), "settings": settings})
+            for index, (image, seed) in enumerate(zip(images, job.seeds, strict=True))]
 
 
 def server_timing(output) -> str:
