@@ -6,7 +6,12 @@
    profile's smallest, middle and largest size, and reports the worst relative error per graph;
 4. times the whole pipeline on TensorRT against torch-fast and diffusers, in the same run, at 1024².
 
-    python -m benchmarks.tensorrt_check --work /scratch/wuerstchen-trt [--precision bf16] [--runs 5]
+With `--quantize fp8|int8`, the bundle is exported in --precision with every candidate Linear behind Q/DQ
+nodes (TensorRT's explicit quantization), its engines are compared with the same quantized math in PyTorch
+(`export.quantize.reference_pipeline`), and torch-fast runs the same recipe.
+
+    python -m benchmarks.tensorrt_check --work /scratch/wuerstchen-trt [--precision bf16] [--quantize fp8]
+        [--runs 5]
 
 None of this can run on the project's development machines (no TensorRT, no GPU): it is written against
 the TensorRT API so that a user with both can run it as it is; its output is the evidence.
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 
 from engine.precision import Precision
+from export.verify import tolerances
 
 # Worst |TensorRT − PyTorch| / max |PyTorch|, per output.
 TOLERANCES = {Precision.FP32: 1e-3, Precision.FP16: 2e-2, Precision.BF16: 6e-2}
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, help="a folder for the bundle and the engines (about 25 GB)")
     parser.add_argument("--dtype", "--precision", dest="dtype", default="bf16",
                         help="the engines' precision: bf16 (default), fp16 or fp32")
+    parser.add_argument("--quantize", choices=("fp8", "int8"),
+                        help="check a quantized bundle (every candidate Linear) instead, in --precision fp16 or bf16")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per pipeline (default 5)")
     args = parser.parse_args(argv)
 
@@ -87,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.bundle import open_bundle
     from engine.engine_cache import BuildSettings, EngineCache, tensorrt_module
     from engine.profiles import default_buckets, static_bucket
+    from engine.quantization import QuantRecipe
     from engine.recipe import Recipe
     from engine.text import byte_level_tokenizer
     from export.bundle import export_bundle
@@ -96,13 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("tensorrt_check needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.quantize and precision is Precision.FP32:
+        print("tensorrt_check: --quantize needs --precision fp16 or bf16", file=sys.stderr)
+        return 2
+    recipe = QuantRecipe.every(args.quantize) if args.quantize else None
     work = Path(args.work)
-    bundle_path, cache = work / "bundle", EngineCache(work / "engines")
+    bundle_path = work / (f"bundle-{args.quantize}-{precision.value}" if recipe else "bundle")
+    cache = EngineCache(work / "engines")
 
-    # 1. The bundle: fp32, exported on the CPU from the full-size architecture with seed-0 random weights.
+    # 1. The bundle: fp32, exported on the CPU from the full-size architecture with seed-0 random weights; a
+    #    quantized one in its 16-bit precision, exported on the GPU (its fp8 calibration runs the models).
     if not (bundle_path / "manifest.json").is_file():
-        source = WuerstchenPipeline.from_preset("wuerstchen-v2", device="cpu", dtype=torch.float32)
-        export_bundle(source, bundle_path, {"preset": "wuerstchen-v2", "seed": 0}, min_size=512, max_size=1536)
+        source = WuerstchenPipeline.from_preset("wuerstchen-v2", device="cuda" if recipe else "cpu",
+                                                dtype=precision.torch_dtype if recipe else torch.float32)
+        export_bundle(source, bundle_path, {"preset": "wuerstchen-v2", "seed": 0}, min_size=512, max_size=1536,
+                      quantization=recipe)
         del source
     bundle = open_bundle(bundle_path)
 
@@ -110,13 +127,22 @@ def main(argv: list[str] | None = None) -> int:
     settings = BuildSettings(precision=precision)
     config = bundle.config
     buckets = [*default_buckets(config, config.sizes.min, config.sizes.max), static_bucket((1024, 1024), 1)]
-    reference = WuerstchenPipeline.from_preset("wuerstchen-v2", device="cuda", dtype=torch.float32)
+    if recipe is None:
+        reference = WuerstchenPipeline.from_preset("wuerstchen-v2", device="cuda", dtype=torch.float32)
+    else:  # the graphs' own quantized math, in PyTorch
+        from export.quantize import reference_pipeline
+
+        reference = reference_pipeline(WuerstchenPipeline.from_preset("wuerstchen-v2", device="cuda",
+                                                                      dtype=precision.torch_dtype),
+                                       bundle.manifest["quantization"])
     worst = compare_graphs(bundle, reference, settings, cache, buckets)
     del reference
-    tolerance = TOLERANCES[precision]
-    print(f"worst relative error per graph, TensorRT {precision.value} against PyTorch fp32 (tolerance {tolerance}):")
+    limits = {name: max(TOLERANCES[precision], tolerance) for name, tolerance in
+              tolerances(precision, worst, bundle.manifest.get("quantization")).items()}
+    print(f"worst relative error per graph, TensorRT {precision.value} against PyTorch "
+          f"{reference_name(recipe, precision)}:")
     for name, error in worst.items():
-        print(f"  {name:<18} {error:.2e}{'' if error <= tolerance else '  FAILED'}")
+        print(f"  {name:<18} {error:.2e} (tolerance {limits[name]:g}){'' if error <= limits[name] else '  FAILED'}")
 
     # 4. The pipeline on TensorRT, torch-fast and diffusers, in one run (diffusers on other random weights:
     #    the same cost, and only its time is compared).
@@ -128,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = {
         "tensorrt": engine_target(WuerstchenPipeline.load(tensorrt)),
         "torch-fast": engine_target(WuerstchenPipeline.from_preset("wuerstchen-v2", "cuda", dtype,
-                                                                   backend="torch-fast")),
+                                                                   backend="torch-fast", quantize=recipe)),
         "diffusers": (diffusers, instrument_diffusers, contextlib.nullcontext),
     }
     options = Options(runtimes=(tensorrt,), sizes=((1024, 1024),), batches=(1,), recipe=Recipe(), warmup=2,
@@ -137,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table(records))
     write_json(records, work / "tensorrt_check.json")
     (work / "graph_errors.json").write_text(json.dumps(worst, indent=1))
-    return 0 if all(error <= tolerance for error in worst.values()) else 1
+    return 0 if all(error <= limits[name] for name, error in worst.items()) else 1
+
+
+def reference_name(recipe, precision: Precision) -> str:
+    return "fp32" if recipe is None else f"{precision.value}, {recipe.scheme.value} Q/DQ math"
 
 
 if __name__ == "__main__":

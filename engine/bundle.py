@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from engine.config import WuerstchenConfig
 from engine.errors import WuerstchenError
 from engine.files import inside
 from engine.precision import Precision
+from engine.quantization import STAGES, Quantization, QuantRecipe
 
 FORMAT = "wuerstchen-bundle"
 FORMAT_VERSION = 1
@@ -29,6 +31,11 @@ MANIFEST = "manifest.json"
 GRAPHS = ("prior_text", "prior_condition", "prior_step", "decoder_text", "decoder_condition", "decoder_step",
           "vqgan_decode")
 TOKENIZERS = ("prior", "decoder")
+# The graphs a quantized bundle quantizes (manifest key `quantization`), and the keys of that entry.
+QUANTIZED_GRAPHS = ("prior_condition", "prior_step", "decoder_condition", "decoder_step")
+QUANTIZATION_KEYS = frozenset({"scheme", "graphs", "layers", "weights", "activations", "calibration", "input_scales",
+                               "step_error", "recipe"})
+CALIBRATION_KEYS = frozenset({"prompts", "levels", "size", "seed"})
 # The element types of the graphs' inputs and outputs, by the names the manifest gives them.
 TENSOR_DTYPES = {precision.onnx_name: precision.torch_dtype for precision in Precision} | {"int64": torch.int64}
 TENSOR_DTYPE_NAMES = {dtype: name for name, dtype in TENSOR_DTYPES.items()}
@@ -153,6 +160,8 @@ class _Schema:
         self._files(manifest["files"])
         self._tokenizers(manifest["tokenizers"])
         self._graphs(manifest["graphs"])
+        if "quantization" in manifest:  # absent: no graph is quantized
+            self._quantization(manifest["quantization"], manifest["dtype"])
 
     def _config(self, values) -> WuerstchenConfig:
         if not isinstance(values, dict):
@@ -213,6 +222,63 @@ class _Schema:
                 for i, tensor in enumerate(tensors):
                     self._tensor(f"{where}.{kind}[{i}]", tensor)
 
+    def _quantization(self, entry, dtype: str) -> None:
+        if not isinstance(entry, dict) or set(entry) != QUANTIZATION_KEYS:
+            self.fail("quantization", entry, f"an object with {', '.join(sorted(QUANTIZATION_KEYS))}")
+        scheme = entry["scheme"]
+        if scheme not in {q.value for q in Quantization}:
+            self.fail("quantization.scheme", scheme, f"one of {', '.join(q.value for q in Quantization)}")
+        if dtype not in (Precision.FP16.onnx_name, Precision.BF16.onnx_name):
+            self.fail("dtype", dtype, "float16 or bfloat16 in a quantized bundle")
+        if entry["graphs"] != list(QUANTIZED_GRAPHS):
+            self.fail("quantization.graphs", entry["graphs"], repr(list(QUANTIZED_GRAPHS)))
+        for key in ("weights", "activations"):
+            if not isinstance(entry[key], str) or not entry[key]:
+                self.fail(f"quantization.{key}", entry[key], "a description")
+        layers = entry["layers"]
+        if not isinstance(layers, dict) or set(layers) != set(STAGES):
+            self.fail("quantization.layers", layers, f"an object with {', '.join(STAGES)}")
+        for stage, names in layers.items():
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) \
+                    or len(set(names)) != len(names):
+                self.fail(f"quantization.layers.{stage}", names, "a list of distinct layer names")
+        self._calibration(entry["calibration"])
+        self._input_scales(entry["input_scales"], scheme, layers)
+        errors = entry["step_error"]
+        if not isinstance(errors, dict) or set(errors) != set(STAGES) or not all(
+                _finite_number(e) and e >= 0 for e in errors.values()):
+            self.fail("quantization.step_error", errors, f"a relative error ≥ 0 for each of {', '.join(STAGES)}")
+        recipe = QuantRecipe.from_dict(entry["recipe"], where=f"{self.where}: quantization.recipe")
+        listed = {stage: list(names) for stage, names in recipe.layers.items() if names is not None}
+        if recipe.scheme.value != scheme or any(names != layers[stage] for stage, names in listed.items()):
+            self.fail("quantization.recipe", entry["recipe"], f"the recipe of these layers, scheme {scheme}")
+
+    def _calibration(self, calibration) -> None:
+        if not isinstance(calibration, dict) or set(calibration) != CALIBRATION_KEYS:
+            self.fail("quantization.calibration", calibration, f"an object with {', '.join(sorted(CALIBRATION_KEYS))}")
+        prompts, levels = calibration["prompts"], calibration["levels"]
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            self.fail("quantization.calibration.prompts", prompts, "a list of prompts")
+        if not isinstance(levels, list) or not levels or not all(_finite_number(r) and 0 <= r <= 1 for r in levels):
+            self.fail("quantization.calibration.levels", levels, "a list of noise levels in [0, 1]")
+        if type(calibration["size"]) is not int or calibration["size"] < 1:
+            self.fail("quantization.calibration.size", calibration["size"], "a positive image side")
+        if type(calibration["seed"]) is not int:
+            self.fail("quantization.calibration.seed", calibration["seed"], "an integer")
+
+    def _input_scales(self, scales, scheme: str, layers: dict) -> None:
+        if scheme == Quantization.INT8.value:
+            if scales is not None:
+                self.fail("quantization.input_scales", scales, "null: int8 quantizes weights only")
+            return
+        if not isinstance(scales, dict) or set(scales) != set(STAGES):
+            self.fail("quantization.input_scales", scales, f"an object with {', '.join(STAGES)}")
+        for stage, found in scales.items():
+            if not isinstance(found, dict) or set(found) != set(layers[stage]) or not all(
+                    _finite_number(s) and s > 0 for s in found.values()):
+                self.fail(f"quantization.input_scales.{stage}", found,
+                          f"a positive scale for each of the {stage}'s quantized layers")
+
     def _tensor(self, where: str, tensor) -> None:
         if not isinstance(tensor, dict) or set(tensor) != {"name", "dtype", "shape"}:
             self.fail(where, tensor, "an object with name, dtype and shape")
@@ -225,6 +291,10 @@ class _Schema:
             (type(dim) is int and dim > 0) or (isinstance(dim, str) and SYMBOLIC_DIM.match(dim)) for dim in shape)
         if not valid:
             self.fail(f"{where}.shape", shape, "a list of positive sizes and symbols such as 'batch' or '16*dh'")
+
+
+def _finite_number(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
 
 
 def _shown(value) -> str:

@@ -46,7 +46,7 @@ FLAGS = {
     "num_images_per_prompt": "--num-images", "negative_prompt": "--negative-prompt", "height": "--height",
     "width": "--width", "device": "--device", "dtype": "--dtype", "prior": "--prior", "decoder": "--decoder",
     "preset": "--preset", "bundle": "--bundle", "backend": "--backend", "variant": "--variant",
-    "image_embeddings": "--embeddings",
+    "image_embeddings": "--embeddings", "quantize": "--quantize",
 }
 
 
@@ -63,9 +63,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def model_flags(parser: argparse.ArgumentParser, *, default_preset: str, bundles: bool = True,
-                backends: str = "one", default_device: str = "auto", default_dtype: str = "auto") -> None:
+                backends: str = "one", default_device: str = "auto", default_dtype: str = "auto",
+                quantize: bool = True) -> None:
     """The flags that choose what runs, the same in every command: the source (--preset, --prior/--decoder
-    with --variant, --bundle), --backend (`backends`: "one", "many" or "none"), --device and --dtype."""
+    with --variant, --bundle), --backend (`backends`: "one", "many" or "none"), --device, --dtype and, where
+    `quantize`, --quantize."""
     parser.add_argument("--preset", help=f"random weights of an architecture: tiny or wuerstchen-v2 (default, "
                                          f"without folders: {default_preset})")
     parser.add_argument("--prior", metavar="DIR", help="warp-ai/wuerstchen-prior: a folder or a Hub repo id")
@@ -87,6 +89,11 @@ def model_flags(parser: argparse.ArgumentParser, *, default_preset: str, bundles
     auto = "fp16 on a GPU, fp32 on the CPU" + ("; a bundle's own on ONNX Runtime; bf16 on TensorRT" if bundles else "")
     parser.add_argument("--dtype", default=default_dtype,
                         help=f"auto ({auto}), {Precision.describe()} (default {default_dtype})")
+    if quantize:
+        parser.add_argument("--quantize", metavar="SCHEME", default="none",
+                            help="hold the prior's and decoder's block Linears in 8 bits (torch backends): fp8 (sm_89+ "
+                                 "GPUs) or int8, the layers picked by a sensitivity scan on load, or a recipe file "
+                                 "(.json) naming them; runs in fp16 on a GPU, bf16 on the CPU (default none)")
     parser.set_defaults(default_preset=default_preset)
 
 
@@ -103,7 +110,7 @@ def resolve_flags(args: argparse.Namespace, backend: str | None = None):
     options = None
     if chosen is not None and Backend.parse(chosen) is Backend.TENSORRT:
         options = TensorRTOptions(build_missing=getattr(args, "build_engines", False))
-    return resolve(source, chosen, args.device, args.dtype, options)
+    return resolve(source, chosen, args.device, args.dtype, options, getattr(args, "quantize", None))
 
 
 def _output_paths(out: str, count: int) -> list[Path]:
@@ -209,6 +216,7 @@ def generate(args: argparse.Namespace) -> int:
     from engine.memory import check_fits, request_bytes
     from engine.pipeline import WuerstchenPipeline, check_decoder_request, check_image_embeddings, check_prior_request
     from engine.png import png_settings
+    from engine.runtime import describe_quantization
 
     runtime = resolve_flags(args)
     config = runtime.source.read_config()
@@ -263,8 +271,9 @@ def generate(args: argparse.Namespace) -> int:
         work = (f"decoding {args.embeddings} into {count} image{'s' if count > 1 else ''} of "
                 f"{decoder.shapes.height}×{decoder.shapes.width}, {recipe.decoder_steps} decoder steps (guidance "
                 f"{recipe.decoder_guidance:g})")
-    print(f"wuerstchen: {work}; {runtime.precision.value} on {runtime.device}, backend {runtime.backend.value}",
-          file=sys.stderr)
+    quantized = "" if runtime.quantization is None else f", quantized {describe_quantization(runtime.quantization)}"
+    print(f"wuerstchen: {work}; {runtime.precision.value} on {runtime.device}, backend {runtime.backend.value}"
+          f"{quantized}", file=sys.stderr)
     start = time.perf_counter()
     pipe = WuerstchenPipeline.load(runtime)
     load_seconds = time.perf_counter() - start
@@ -276,7 +285,7 @@ def generate(args: argparse.Namespace) -> int:
     seeds = [(first + i) % 2**64 for i in range(count)]
     if args.embeddings is not None and args.seed is None:
         seeds = stored_seeds
-    settings = png_settings(recipe, runtime)
+    settings = png_settings(recipe, pipe.runtime)  # with the recipe a scan chose
     if args.embeddings is not None:
         settings.update(embeddings=Path(args.embeddings).name, height=None, width=None)
         for key in ("prior_num_inference_steps", "prior_timesteps", "prior_guidance_scale"):

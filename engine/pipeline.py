@@ -14,7 +14,7 @@ import math
 import numbers
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from engine.config import WuerstchenConfig
 from engine.errors import WuerstchenError
 from engine.memory import check_fits, request_bytes
 from engine.precision import Precision
+from engine.quantization import QuantRecipe
 from engine.requests import (
     DECODER_CALLBACK_TENSORS,
     PRIOR_CALLBACK_TENSORS,
@@ -352,6 +353,15 @@ def _to_output(images: torch.Tensor, output_type: str):
     return [Image.fromarray(image) for image in (array * 255).round().astype("uint8")]
 
 
+def _load(runtime: Runtime) -> tuple[WuerstchenConfig, Stages, Runtime]:
+    """The config and stages `runtime` loads, and the runtime itself, naming the recipe where a scheme's scan
+    chose one (`quantize="fp8"`)."""
+    config, stages = backends.load(runtime)
+    if stages.quantization is not None:
+        runtime = replace(runtime, quantization=stages.quantization)
+    return config, stages, runtime
+
+
 class WuerstchenPipeline:
     """Würstchen v2 text-to-image on any backend: build with `from_pretrained` (diffusers folders),
     `from_preset` (random weights), `from_bundle` (an exported bundle) or `load` (a resolved `Runtime`), then
@@ -382,11 +392,16 @@ class WuerstchenPipeline:
     def backend(self) -> Backend:
         return self.runtime.backend
 
+    @property
+    def quantization(self) -> QuantRecipe | None:
+        """The recipe the prior's and decoder's Linears are quantized by (`quantize=`), or None; `.save(path)`
+        keeps a scanned one for the next load."""
+        return self.stages.quantization
+
     @classmethod
     def load(cls, runtime: Runtime) -> WuerstchenPipeline:
         """The pipeline that `runtime` (see `engine.runtime.resolve`) describes, loaded by its backend."""
-        config, stages = backends.load(runtime)
-        return cls(config, stages, runtime)
+        return cls(*_load(runtime))
 
     @classmethod
     def from_pretrained(
@@ -398,6 +413,7 @@ class WuerstchenPipeline:
         variant: str | None = None,
         backend: str | Backend = "torch",
         options: BackendOptions | None = None,
+        quantize: str | Path | QuantRecipe | None = None,
     ) -> WuerstchenPipeline:
         """Load the two published diffusers folders: `prior` as warp-ai/wuerstchen-prior, `decoder` as
         warp-ai/wuerstchen, each a path or a Hub repo id (the local cache first, a download only when online;
@@ -406,10 +422,16 @@ class WuerstchenPipeline:
         card names the prior. `device` defaults to the GPU when there is one, `dtype` to fp16 on a GPU and
         fp32 on the CPU; `variant="fp16"` reads the `*.fp16.*` weight files. `backend` is "torch" (eager),
         "torch-fast" (Triton kernels, CUDA-graph steps) or "torch-compile" (also torch.compile); `options`
-        is `engine.backends.FastOptions` for the last two."""
+        is `engine.backends.FastOptions` for the last two.
+
+        `quantize` holds the prior's and the decoder's block Linears in 8 bits: "fp8" (weights and activations;
+        sm_89+ GPUs) or "int8" (weights only) with the layers a sensitivity scan picks on load (the most
+        sensitive stay in 16 bits until one step is within 2 % (fp8) or 1 % (int8) of the unquantized step),
+        or a `QuantRecipe` or recipe file that names them; the recipe used is `pipe.quantization`. Quantized
+        models run in fp16 (GPU) or bf16 (CPU) unless `dtype` says which."""
         source = ModelSource.from_folders(prior, decoder, variant) if decoder is not None else \
             ModelSource.from_folders(None, prior, variant)
-        return cls.load(resolve(source, backend, device, dtype, options))
+        return cls.load(resolve(source, backend, device, dtype, options, quantize))
 
     @classmethod
     def from_preset(
@@ -420,11 +442,12 @@ class WuerstchenPipeline:
         seed: int = 0,
         backend: str | Backend = "torch",
         options: BackendOptions | None = None,
+        quantize: str | Path | QuantRecipe | None = None,
     ) -> WuerstchenPipeline:
         """A pipeline of a named architecture (`wuerstchen-v2` or `tiny`) with seeded random weights and a
         byte-level tokenizer: its images are noise, its cost is the real model's. The other arguments as
         for `from_pretrained`."""
-        return cls.load(resolve(ModelSource.from_preset(name, seed), backend, device, dtype, options))
+        return cls.load(resolve(ModelSource.from_preset(name, seed), backend, device, dtype, options, quantize))
 
     @classmethod
     def from_bundle(
@@ -511,16 +534,17 @@ class WuerstchenPipeline:
                                   "WuerstchenPipeline.from_bundle(..., device=..., dtype=...)")
         current = self.runtime
         runtime = resolve(current.source, current.backend, current.device if device is None else device,
-                          current.precision if dtype is None else dtype, current.options)
+                          current.precision if dtype is None else dtype, current.options,
+                          self.stages.quantization)  # a scanned recipe is applied again, not scanned again
         with self._scheduler_lock:
-            if runtime == self.runtime:
+            if (runtime.device, runtime.precision) == (current.device, current.precision):
                 return self
             if self._scheduler is not None:
                 stats = self._scheduler.stats()
                 if stats["queued"] or stats["in_flight"]:
                     raise WuerstchenError(f"to() while {stats['queued'] + stats['in_flight']} requests are queued or "
                                           "in flight: wait for their results first")
-            self.config, self.stages = backends.load(runtime)
+            self.config, self.stages, runtime = _load(runtime)
             # An idle scheduler's worker ends by itself, and with it the last hold on the old stages.
             self.runtime, self._scheduler = runtime, None
         return self

@@ -9,13 +9,17 @@ none decides again. The rules, in one place:
   TensorRT needs a GPU;
 - precision: "auto" is fp16 on a GPU and fp32 on the CPU for the PyTorch backends, the bundle's own for
   ONNX Runtime (which cannot convert it), and bf16 for TensorRT (its engines' default build); fp16 or bf16
-  asked of the PyTorch backends on the CPU runs, with a `SlowPrecisionWarning` (once).
+  asked of the PyTorch backends on the CPU runs, with a `SlowPrecisionWarning` (once) unless quantizing needs it;
+- quantization (`quantize`, the PyTorch backends only; a bundle is quantized when exported): a scheme, fp8 or
+  int8, has its recipe scanned when the models load, a `QuantRecipe` or a recipe file is applied as it is. It
+  quantizes 16-bit weights: "auto" precision becomes fp16 on a GPU and bf16 on the CPU, fp32 is refused, and
+  fp8 needs an sm_89+ GPU (Ada, Hopper) or the CPU (its PyTorch reference, slow: for checks).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +30,7 @@ from engine.device import resolve_device
 from engine.errors import WuerstchenError
 from engine.hub import connected_prior, local_folder
 from engine.precision import Precision
+from engine.quantization import Quantization, QuantRecipe
 from kernels import interpreted
 
 
@@ -154,13 +159,22 @@ class Runtime:
     device: torch.device
     precision: Precision
     options: BackendOptions
+    # The PyTorch models' quantization: a scheme whose recipe a scan finds on load, a recipe, or None.
+    quantization: Quantization | QuantRecipe | None = field(default=None, hash=False)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.precision.torch_dtype
 
     def describe(self) -> str:
-        return f"{self.source.describe()} on {self.backend.value}, {self.device}, {self.precision.value}"
+        quantized = "" if self.quantization is None else f", quantized {describe_quantization(self.quantization)}"
+        return f"{self.source.describe()} on {self.backend.value}, {self.device}, {self.precision.value}{quantized}"
+
+
+def describe_quantization(quantization: Quantization | QuantRecipe) -> str:
+    if isinstance(quantization, QuantRecipe):
+        return quantization.describe()
+    return f"{quantization.value} (recipe scanned on load)"
 
 
 def resolve(
@@ -169,12 +183,18 @@ def resolve(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | Precision | None = None,
     options: BackendOptions | None = None,
+    quantize: str | Path | Quantization | QuantRecipe | None = None,
 ) -> Runtime:
     """The one decision of what runs (see the module's docstring for the rules). `device` and `dtype` take
-    "auto" or None for the default; every refusal is one line naming the field."""
+    "auto" or None for the default; `quantize` takes none, fp8, int8, a `QuantRecipe` or a recipe file's path;
+    every refusal is one line naming the field."""
+    quantization = parse_quantize(quantize)
     backend = source.default_backend if backend is None else Backend.parse(backend)
     if backend.runs_bundles and not source.bundle:
         raise WuerstchenError(f"backend={backend.value!r} runs a bundle: make one with `wuerstchen export`")
+    if quantization is not None and backend.runs_bundles:
+        raise WuerstchenError(f"quantize={_shown_quantize(quantize)} applies to the torch backends: a bundle is "
+                              "quantized when it is exported (wuerstchen export --quantize)")
     if source.bundle and not backend.runs_bundles:
         raise WuerstchenError(f"backend={backend.value!r} cannot run a bundle: expected onnxruntime or tensorrt "
                               "(the torch backends load a preset or diffusers folders)")
@@ -200,16 +220,53 @@ def resolve(
         precision = tensorrt_precision(dtype, source.bundle_precision())
     else:
         device = resolve_device(device)
-        precision = requested or (Precision.FP16 if device.type == "cuda" else Precision.FP32)
+        if quantization is not None:
+            precision = _quantized_precision(quantization, quantize, requested, device)
+        else:
+            precision = requested or (Precision.FP16 if device.type == "cuda" else Precision.FP32)
         if backend.fast and device.type != "cuda" and not interpreted():
             raise WuerstchenError(f"backend={backend.value!r} runs Triton kernels on a CUDA GPU (on a CPU only in "
                                   "Triton's interpreter, TRITON_INTERPRET=1, for tests): use backend='torch'")
-        if device.type == "cpu" and precision is not Precision.FP32:
+        if device.type == "cpu" and precision is not Precision.FP32 and quantization is None:
             # Attributed to this line (stacklevel 1), so Python's default filter shows it once per process.
             warnings.warn(f"dtype={precision.value!r} on the CPU is slower than fp32 on most CPUs (PyTorch's CPU "
                           "kernels are fastest in fp32): pass fp32 unless you need the lower precision's numbers",
                           SlowPrecisionWarning, stacklevel=1)
-    return Runtime(source, backend, device, precision, options)
+    return Runtime(source, backend, device, precision, options, quantization)
+
+
+def parse_quantize(value: str | Path | Quantization | QuantRecipe | None) -> Quantization | QuantRecipe | None:
+    """`quantize` as `resolve` takes it: None or "none", a scheme (fp8, int8, in any case), a `QuantRecipe`, or
+    the path of a recipe file (written by `QuantRecipe.save`, e.g. a loaded pipeline's `quantization`)."""
+    if isinstance(value, QuantRecipe):
+        return value
+    if isinstance(value, Path) or (isinstance(value, str) and value.lower().endswith(".json")):
+        return QuantRecipe.load(value)
+    try:
+        return Quantization.parse(value)
+    except WuerstchenError:
+        raise WuerstchenError(f"quantize={_shown_quantize(value)} is not supported: expected none, fp8 (weights and "
+                              "activations, sm_89+ GPUs), int8 (weights only), or a recipe file (.json)") from None
+
+
+def _quantized_precision(quantization: Quantization | QuantRecipe, quantize, requested: Precision | None,
+                         device: torch.device) -> Precision:
+    """The precision of quantized models: as asked, or fp16 on a GPU and bf16 on the CPU; never fp32."""
+    scheme = quantization.scheme if isinstance(quantization, QuantRecipe) else quantization
+    if requested is Precision.FP32:
+        raise WuerstchenError(f"quantize={_shown_quantize(quantize)} quantizes fp16 or bf16 weights, and dtype is "
+                              "fp32: pass dtype fp16 or bf16")
+    if scheme is Quantization.FP8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise WuerstchenError(f"quantize={_shown_quantize(quantize)} needs fp8 tensor cores (sm_89 or later: Ada, "
+                              f"Hopper); {device} is sm_{major}{minor}: use quantize='int8'")
+    return requested or (Precision.FP16 if device.type == "cuda" else Precision.BF16)
+
+
+def _shown_quantize(value) -> str:
+    if isinstance(value, QuantRecipe):
+        return f"<recipe {value.describe()}>"
+    return repr(str(value) if isinstance(value, Path) else value)
 
 
 def tensorrt_precision(dtype: str | torch.dtype | Precision | None, exported: Precision) -> Precision:

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from engine.denoise import StepGraphs
+from engine.quantization import QuantRecipe
 from engine.text import TextEncoder
 
 
@@ -40,6 +41,7 @@ class Stages:
     vqgan: Callable[[torch.Tensor], torch.Tensor]  # decoder latents → images in [0, 1]
     graphs: StepGraphs | None = None  # denoising steps captured as CUDA graphs, per shape and batch size
     # Whether the denoisers take noise levels in fp32 rather than their dtype, so that the timestep embedding
-    # is not rounded (bf16 rounds r·10000 to multiples of 32–64): the PyTorch stages in bf16 and quantized.
+    # is not rounded (bf16 rounds r·10000 to multiples of 32–64): the PyTorch stages in bf16 or quantized.
     # fp32 and fp16 keep diffusers' rounding, and exported graphs take r in their dtype.
     fp32_timesteps: bool = False
+    quantization: QuantRecipe | None = None  # the recipe the prior's and decoder's Linears were quantized by

@@ -29,6 +29,7 @@ from engine.models.blocks import attention_implementation
 from engine.models.decoder import injected_levels
 from engine.pipeline import WuerstchenPipeline
 from engine.precision import Precision
+from engine.quantization import QuantRecipe
 from engine.recipe import Recipe
 from engine.shapes import TEXT_TOKENS, image_shapes, symbol_values
 from export.graphs import GraphSpec, graph_specs
@@ -143,17 +144,23 @@ def _schedule(pipe: WuerstchenPipeline) -> dict:
 
 def export_bundle(
     pipe: WuerstchenPipeline, out: str | Path, sources: dict, min_size: int = 256, max_size: int = 1536,
-    progress=print,
+    progress=print, quantization: QuantRecipe | None = None,
 ) -> dict:
     """Export a PyTorch pipeline, in its dtype, to a new bundle folder `out`; return the manifest.
 
     `sources` records where the weights came from (file hashes, or a preset and seed). Sizes must lie
-    on the model's grid; the graphs serve every grid size from `min_size` to `max_size`.
+    on the model's grid; the graphs serve every grid size from `min_size` to `max_size`. With `quantization`,
+    a recipe for the pipeline's unquantized fp16 or bf16 models, the prior's and the decoder's condition and
+    step graphs hold the recipe's Linears in 8 bits behind Q/DQ nodes (see `export.quantize`); the pipeline
+    itself is left unquantized.
     """
     out = Path(out)
     if pipe.backend is not Backend.TORCH:
         raise WuerstchenError(f"the pipeline runs on backend {pipe.backend.value!r}: export one on 'torch' (its "
                               "Triton kernels and CUDA graphs are not ONNX)")
+    if quantization is not None and not isinstance(quantization, QuantRecipe):
+        raise WuerstchenError(f"quantization={quantization!r}: expected a QuantRecipe (QuantRecipe.every('fp8'), "
+                              "or one loaded from a recipe file), or None")
     grid = pipe.config.sizes
     for name, value in (("min_size", min_size), ("max_size", max_size)):
         on_grid = isinstance(value, int) and not isinstance(value, bool) and value % grid.step == 0
@@ -173,7 +180,7 @@ def export_bundle(
                               f"{error.strerror or error}") from None
     try:
         manifest = _write_bundle(pipe, staging, sources, SizeGrid(step=grid.step, min=min_size, max=max_size),
-                                 progress)
+                                 progress, quantization)
         try:
             os.replace(staging, out)  # over an empty folder too
         except OSError as error:
@@ -185,14 +192,27 @@ def export_bundle(
     return manifest
 
 
-def _write_bundle(pipe: WuerstchenPipeline, out: Path, sources: dict, bundle_grid: SizeGrid, progress) -> dict:
+def _write_bundle(pipe: WuerstchenPipeline, out: Path, sources: dict, bundle_grid: SizeGrid, progress,
+                  quantization: QuantRecipe | None) -> dict:
     """Every graph, the tokenizers and the manifest into the folder `out`; the manifest."""
     config = pipe.config
     opset = OPSETS[pipe.precision]
+    exported, quantized = pipe, None
+    if quantization is not None:
+        from export.quantize import QDQ_MIN_OPSET, check_8_bit_weights, prepare  # needs Triton's kernels module
+
+        start = time.perf_counter()
+        quantized = prepare(pipe, quantization, bundle_grid)
+        exported, opset = quantized.pipe, max(opset, QDQ_MIN_OPSET)
+        progress(f"quantized  {quantization.describe()}; one step's error on the calibration inputs: "
+                 + ", ".join(f"{stage} {error:.2%}" for stage, error in quantized.entry["step_error"].items())
+                 + f"  {time.perf_counter() - start:6.1f} s")
     graphs, files = {}, []
-    for name, spec in graph_specs(pipe).items():
+    for name, spec in graph_specs(exported).items():
         start = time.perf_counter()
         graph_files = export_graph(spec, config, bundle_grid, out, opset, pipe.device)
+        if quantized is not None and name in quantized.entry["graphs"]:
+            check_8_bit_weights(onnx.load(str(out / graph_files[0]), load_external_data=False), spec, name)
         size = sum((out / f).stat().st_size for f in graph_files)
         progress(f"exported {name:<18} {size / 1e6:9.1f} MB  {time.perf_counter() - start:6.1f} s")
         graphs[name] = {"file": graph_files[0], "external_data": graph_files[1:], "inputs": _describe(spec.inputs),
@@ -225,6 +245,8 @@ def _write_bundle(pipe: WuerstchenPipeline, out: Path, sources: dict, bundle_gri
         "graphs": graphs,
         "files": {relative: sha256(out / relative) for relative in sorted(set(files))},
     }
+    if quantized is not None:
+        manifest["quantization"] = quantized.entry  # absent: no graph is quantized
     write_atomically(out / MANIFEST, (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode())
     return manifest
 

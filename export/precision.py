@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 
 from engine.errors import WuerstchenError
 from engine.precision import Precision
-from export.lint import MIN_OPSET
+from export.lint import FLOAT_TYPES, MIN_OPSET, tensor_types
 
 FLOAT = onnx.TensorProto.FLOAT
 
@@ -94,8 +94,6 @@ SOURCE_OPS = frozenset({"Constant", "ConstantOfShape", "Cast"})
 # Inputs that are not data: read as they are, exempt from the one-dtype rule. Op: input indices.
 NON_DATA_INPUTS = {"Resize": frozenset({1, 2, 3})}  # roi, scales, sizes
 TYPE_EXEMPT_OPS = frozenset({"Cast", "QuantizeLinear", "DequantizeLinear"})
-FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                         onnx.TensorProto.DOUBLE})
 EXTERNAL_DATA_BYTES = 1_800_000_000  # initializers past this are saved next to the graph: protobuf stops at 2 GB
 
 # Node precisions. FLEX: not yet decided, follows its consumers; FP32_SPREADING: float32 that carries forward.
@@ -109,7 +107,7 @@ def convert_precision(model: onnx.ModelProto, precision: Precision | str) -> onn
     if precision is Precision.FP32:
         return model
     low = LOW_PRECISIONS[precision]
-    types = _tensor_types(model)
+    types = tensor_types(model)
     converted = sorted({name for name, kind in types.items() if kind in FLOAT_TYPES - {FLOAT}})
     if converted:
         raise WuerstchenError(f"convert_precision expects a float32 graph: tensor {converted[0]!r} is already "
@@ -150,7 +148,7 @@ def convert_file(src: Path, dst: Path, precision: Precision | str) -> None:
 def check_strongly_typed(model: onnx.ModelProto, graph_name: str) -> None:
     """Raise a one-line error naming the first node whose float inputs have different dtypes, which a
     strongly typed TensorRT network refuses. Casts, Q/DQ and Resize's roi, scales and sizes are exempt."""
-    types = _tensor_types(model)
+    types = tensor_types(model)
     for node in model.graph.node:
         if node.op_type in TYPE_EXEMPT_OPS:
             continue
@@ -173,7 +171,7 @@ def check_strongly_typed(model: onnx.ModelProto, graph_name: str) -> None:
 def float32_islands(model: onnx.ModelProto) -> dict[str, int]:
     """How many compute nodes of each op type produce float32 (data movement, casts and constants are not
     counted): the float32 islands of a converted graph, for reports and tests."""
-    types = _tensor_types(model)
+    types = tensor_types(model)
     counts: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type in DATA_MOVEMENT_OPS or node.op_type in SOURCE_OPS:
@@ -181,29 +179,6 @@ def float32_islands(model: onnx.ModelProto) -> dict[str, int]:
         if any(types.get(name) == FLOAT for name in node.output):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """The element type of every tensor, by ONNX shape inference (existing value_info is ignored).
-
-    Inference runs on a copy without the float weights, which become typed graph inputs: only their dtypes
-    matter, and a graph with its weights can exceed protobuf's 2 GB."""
-    graph = model.graph
-    declared = {v.name for v in graph.input}
-    weights = [t for t in graph.initializer if t.data_type in FLOAT_TYPES and t.name not in declared]
-    skeleton = onnx.helper.make_graph(
-        nodes=graph.node, name=graph.name,
-        inputs=[*graph.input, *(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in weights)],
-        outputs=graph.output, initializer=[t for t in graph.initializer if t.data_type not in FLOAT_TYPES
-                                           or t.name in declared],
-    )
-    typed = onnx.shape_inference.infer_shapes(
-        onnx.helper.make_model(skeleton, opset_imports=model.opset_import, ir_version=model.ir_version,
-                               functions=model.functions))
-    values = [*typed.graph.input, *typed.graph.value_info, *typed.graph.output]
-    types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
-    types.update((t.name, t.data_type) for t in graph.initializer)
-    return types
 
 
 def _node_precisions(graph: gs.Graph, types: dict[str, int]) -> dict[int, str]:

@@ -154,3 +154,80 @@ def test_full_size_weights_take_at_most_55_percent_of_bf16():
             model = model_class(stage_config).to(torch.bfloat16)
         bf16 = weight_bytes(model)
         assert weight_bytes(quantize(model, Quantization.FP8)) <= 0.55 * bf16
+
+
+# --- quantize= on load -----------------------------------------------------------------------------------------
+
+CALL = dict(height=128, width=128, prior_num_inference_steps=3, num_inference_steps=3, output_type="np")
+
+
+def _image(pipe, seed: int = 4):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red fox in the snow", generator=torch.Generator().manual_seed(seed), **CALL).images
+
+
+def test_quantize_on_load_scans_applies_and_keeps_its_recipe(references, tmp_path):
+    from engine import WuerstchenPipeline
+
+    pipe = WuerstchenPipeline.from_preset("tiny", device="cpu", quantize="int8")
+    recipe = pipe.quantization
+    # bf16 on the CPU by default, the scan's recipe named by the runtime, the noise level taken in fp32.
+    assert pipe.precision.value == "bf16" and pipe.runtime.quantization is recipe
+    assert recipe.scheme is Quantization.INT8 and recipe.scan["prior"]["step_error"] <= BOUNDS[Quantization.INT8]
+    assert f"quantized {recipe.describe()}" in pipe.runtime.describe() and pipe.stages.fp32_timesteps
+    swapped = {name for name, module in pipe.stages.decoder.named_modules() if isinstance(module, QuantizedLinear)}
+    assert swapped == set(recipe.layers["decoder"])
+
+    # Its images stay near the unquantized bf16 pipeline's.
+    plain = WuerstchenPipeline.from_preset("tiny", device="cpu", dtype="bf16")
+    quantized_image, plain_image = _image(pipe), _image(plain)
+    assert 0 < abs(quantized_image - plain_image).mean() < 0.02
+
+    # Saved, the recipe loads the same models without a scan; `to` applies it again.
+    recipe.save(tmp_path / "int8.json")
+    again = WuerstchenPipeline.from_preset("tiny", device="cpu", quantize=tmp_path / "int8.json")
+    assert again.quantization.layers == recipe.layers
+    assert (_image(again) == quantized_image).all()
+    assert pipe.to(dtype="fp16") is pipe and pipe.quantization.layers == recipe.layers
+    assert {m.bias.dtype for m in pipe.stages.prior.modules() if isinstance(m, QuantizedLinear)} == {torch.float16}
+    with pytest.raises(WuerstchenError, match=r"^quantize=<recipe int8 \(prior \d+, decoder \d+ Linears, "
+                                              r"from a scan\)> quantizes fp16 or bf16 weights, and dtype is fp32"):
+        pipe.to(dtype="fp32")
+    assert pipe.precision.value == "fp16"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(quantize="fp4"), r"^quantize='fp4' is not supported: expected none, fp8 .*, int8 .*, or a recipe file"),
+    (dict(quantize="int8", dtype="fp32"), r"^quantize='int8' quantizes fp16 or bf16 weights, and dtype is fp32"),
+    (dict(quantize="missing.json"), r"^quantize_recipe='missing.json': file does not exist$"),
+    (dict(quantize=7), r"^quantize=7 is not supported"),
+])
+def test_quantize_refusals_are_one_line(kwargs, message):
+    from engine.runtime import resolve
+
+    with pytest.raises(WuerstchenError, match=message):
+        resolve(ModelSource.from_preset("tiny"), "torch", "cpu", kwargs.pop("dtype", None), None, **kwargs)
+
+
+def test_a_bundle_is_quantized_when_exported_not_when_run(tiny_bundle):
+    from engine.runtime import resolve
+
+    with pytest.raises(WuerstchenError, match=r"^quantize='fp8' applies to the torch backends: a bundle is quantized "
+                                              r"when it is exported \(wuerstchen export --quantize\)$"):
+        resolve(ModelSource.from_bundle(tiny_bundle), quantize="fp8")
+
+
+def test_generate_quantize_says_so_and_records_it(tmp_path, capsys, references):
+    from engine.cli import main
+
+    out = tmp_path / "fox.png"
+    assert main(["generate", "a fox", "--quantize", "INT8", "--out", str(out), "--seed", "1", "--height", "128",
+                 "--width", "128", "--prior-steps", "2", "--decoder-steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "; bf16 on cpu, backend torch, quantized int8 (recipe scanned on load)\n" in err
+    from PIL import Image
+
+    settings = json.loads(Image.open(out).text["settings"])
+    assert "quantized int8 (prior" in settings["model"] and settings["dtype"] == "bf16"
+    assert main(["generate", "a fox", "--quantize", "int4", "--out", str(out)]) == 2
+    assert "wuerstchen generate: error: --quantize 'int4' is not supported" in capsys.readouterr().err

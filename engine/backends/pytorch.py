@@ -5,6 +5,7 @@ with the glue between blocks fused), every denoising step captured once as a CUD
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ from engine.backends import Backend, BackendOptions, backend_options
 from engine.config import WuerstchenConfig, preset
 from engine.denoise import StepGraphs
 from engine.models import Decoder, Prior, VQGANDecoder
+from engine.quantization import Quantization, QuantRecipe, scan
 from engine.runtime import ModelSource, Runtime
 from engine.stages import Stages
 from engine.text import TextEncoder, load_text_encoder, random_text_encoder
@@ -30,9 +32,28 @@ class Models:
     vqgan: VQGANDecoder
 
 
-def load(runtime: Runtime) -> tuple[WuerstchenConfig, Stages]:
+SCAN_SIZE = 256  # the image side a `quantize="fp8"|"int8"` scan measures one step at, on load
+
+
+def load(runtime: Runtime, progress: Callable[[str], None] = lambda _: None) -> tuple[WuerstchenConfig, Stages]:
     config, models = load_models(runtime.source, runtime.device, runtime.dtype)
-    return config, stages(models, runtime.backend, runtime.options)
+    recipe = quantize_models(config, models, runtime.quantization, progress)
+    return config, stages(models, runtime.backend, runtime.options, recipe)
+
+
+def quantize_models(config: WuerstchenConfig, models: Models, quantization: Quantization | QuantRecipe | None,
+                    progress: Callable[[str], None] = lambda _: None) -> QuantRecipe | None:
+    """Quantize the prior's and the decoder's Linears in place by a recipe, or by the recipe that a sensitivity
+    scan (`engine.quantization.scan`, at `SCAN_SIZE`²) finds for a scheme; return the recipe applied."""
+    if quantization is None:
+        return None
+    recipe = quantization
+    if isinstance(quantization, Quantization):
+        recipe = scan(config, models.prior_text, models.prior, models.decoder_text, models.decoder, quantization,
+                      SCAN_SIZE, progress=progress)
+    recipe.apply("prior", models.prior)
+    recipe.apply("decoder", models.decoder)
+    return recipe
 
 
 def load_models(source: ModelSource, device: torch.device, dtype: torch.dtype) -> tuple[WuerstchenConfig, Models]:
@@ -60,13 +81,15 @@ def load_models(source: ModelSource, device: torch.device, dtype: torch.dtype) -
     )
 
 
-def stages(models: Models, backend: Backend, options: BackendOptions | None = None) -> Stages:
-    """The stages a PyTorch backend runs over `models`. The fast backends take ownership of the models: the
-    fused stages share their weights, converted to channels-last."""
-    fp32_timesteps = next(models.prior.parameters()).dtype == torch.bfloat16
+def stages(models: Models, backend: Backend, options: BackendOptions | None = None,
+           quantization: QuantRecipe | None = None) -> Stages:
+    """The stages a PyTorch backend runs over `models` (quantized by `quantization`, if given). The fast
+    backends take ownership of the models: the fused stages share their weights, converted to channels-last.
+    In bf16 or quantized, the denoisers take the noise level in fp32 (`Stages.fp32_timesteps`)."""
+    fp32_timesteps = quantization is not None or next(models.prior.parameters()).dtype == torch.bfloat16
     if backend is Backend.TORCH:
         return Stages(models.prior_text, models.prior, models.decoder_text, models.decoder, models.vqgan,
-                      fp32_timesteps=fp32_timesteps)
+                      fp32_timesteps=fp32_timesteps, quantization=quantization)
     from engine.models.fused import Fusions, fuse  # Triton is needed by the fast backends only
 
     options = backend_options(backend, options)
@@ -76,4 +99,4 @@ def stages(models: Models, backend: Backend, options: BackendOptions | None = No
         prior = torch.compile(prior, fullgraph=True, dynamic=False)
         decoder = torch.compile(decoder, fullgraph=True, dynamic=False)
     graphs = StepGraphs(options.graph_cache_size) if options.cuda_graphs else None
-    return Stages(models.prior_text, prior, models.decoder_text, decoder, vqgan, graphs, fp32_timesteps)
+    return Stages(models.prior_text, prior, models.decoder_text, decoder, vqgan, graphs, fp32_timesteps, quantization)
