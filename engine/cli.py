@@ -32,7 +32,7 @@ DEMO_SIZE = 256  # the demo model's default image side: a few seconds on a CPU
 DEMO_NOTICE = (
     "no --prior/--decoder given: running the built-in tiny demo model, whose weights are random (calibrated so "
     "that the image shows shapes and colours that follow the prompt and the seed, but not a picture of "
-    f"anything), at {DEMO_SIZE}×{DEMO_SIZE} unless --height/--width say otherwise. For real images, pass "
+    f"anything), at {DEMO_SIZE}×{DEMO_SIZE} unless asked for another size. For real images, pass "
     "--decoder warp-ai/wuerstchen (read from the Hugging Face cache, downloaded there when the Hub is "
     "reachable), or folders downloaded with `hf download` (--prior wuerstchen-prior --decoder wuerstchen)."
 )

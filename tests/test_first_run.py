@@ -50,7 +50,7 @@ def test_demo_is_small_says_what_it_runs_and_its_picture_follows_the_prompt_and_
     for name, (prompt, seed) in runs.items():
         assert main(["generate", prompt, "--seed", str(seed), "--out", str(tmp_path / f"{name}.png")]) == 0
     err = capsys.readouterr().err
-    assert "tiny demo model, whose weights are random" in err and "at 256×256 unless --height/--width" in err
+    assert "tiny demo model, whose weights are random" in err and "at 256×256 unless asked for another size" in err
     assert err.count("wuerstchen: 256×256, the published prior schedule (29 evaluations, guidance 4), 12 decoder "
                      "steps (guidance 0); fp32 on cpu, backend torch\n") == 3
 

@@ -29,7 +29,7 @@ from engine.serving.app import Service  # noqa: E402
 from engine.serving.ray_serve import APP_NAME, Wuerstchen, application, build_app, config_options  # noqa: E402
 
 DEMO = {"preset": "tiny", "prior": None, "decoder": None, "variant": None, "bundle": None, "backend": None,
-        "build_engines": False, "device": "cpu", "dtype": "fp32", "default_preset": "tiny"}
+        "build_engines": False, "device": "cpu", "dtype": "fp32", "quantize": None, "default_preset": "tiny"}
 REQUEST = {"prompt": "a fox in the snow", "size": "128x128", "prior_steps": 12, "decoder_steps": 2}
 TIMEOUT = 60  # seconds a client waits for one answer
 CONFIG = Path(__file__).resolve().parents[1] / "engine" / "serving" / "ray_serve.yaml"

@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException
 
 from engine.errors import WuerstchenError
 from engine.pipeline import WuerstchenPipeline
+from engine.recipe import Recipe
 from engine.scheduler import Refused, SchedulerOptions
 from engine.serving.api import (
     ApiError,
@@ -469,10 +470,14 @@ class BackgroundServer:
         self.socket.close()
 
 
-def options_from_args(args) -> tuple[ServerOptions, SchedulerOptions]:
-    """`wuerstchen serve`'s flags as the server's and the scheduler's options."""
+def options_from_args(args, demo: bool = False) -> tuple[ServerOptions, SchedulerOptions]:
+    """`wuerstchen serve`'s flags as the server's and the scheduler's options; the demo model's requests are
+    `DEMO_SIZE`² unless they give a size, as `generate`'s are."""
+    from engine.cli import DEMO_SIZE
+
     defaults = ServerOptions()
-    server = ServerOptions(max_images=args.max_images, api_key=args.api_key,
+    server = ServerOptions(recipe=Recipe(height=DEMO_SIZE, width=DEMO_SIZE) if demo else defaults.recipe,
+                           max_images=args.max_images, api_key=args.api_key,
                            warmup=None if args.no_warmup else defaults.warmup)
     return server, SchedulerOptions(max_queued=args.max_queued, max_in_flight=args.max_in_flight)
 
@@ -482,9 +487,10 @@ def serve_command(args, runtime) -> int:
     from engine.cli import DEMO_NOTICE
 
     log_json_lines()
-    server_options, scheduler_options = options_from_args(args)
+    demo = runtime.source.kind == "preset" and runtime.source.preset == "tiny"
+    server_options, scheduler_options = options_from_args(args, demo)
     sock = bind(args.host, args.port)  # before loading: a port in use is an error in a second, not a minute
-    if runtime.source.kind == "preset" and runtime.source.preset == "tiny":
+    if demo:
         print(f"wuerstchen: {DEMO_NOTICE}", file=sys.stderr)
     service = Service.load(runtime, scheduler_options, server_options)
     log_event("listening", url=url(sock), model=runtime.describe(), authenticated=bool(args.api_key))

@@ -37,7 +37,7 @@ from engine.serving.telemetry import log_event, log_json_lines
 
 APP_NAME = "wuerstchen"
 MODEL_FLAGS = ("preset", "prior", "decoder", "variant", "bundle", "backend", "build_engines", "device", "dtype",
-               "default_preset")
+               "quantize", "default_preset")
 # A replica's scheduler batches up to 8 requests' steps in each stage, and newcomers join at the next step: it
 # needs many requests at once, where Ray's default lets 5 in.
 MAX_ONGOING_REQUESTS = 64
@@ -102,7 +102,7 @@ def build_app(args: dict):
 
 def config_options(args: dict) -> tuple[dict, ServerOptions, SchedulerOptions]:
     """The model flags, server and scheduler options of a config file's `args`: the model flags of `wuerstchen
-    serve` by their Python names (preset, prior, decoder, variant, bundle, backend, device, dtype), and
+    serve` by their Python names (preset, prior, decoder, variant, bundle, backend, device, dtype, quantize), and
     optionally max_images, max_queued, max_in_flight and warmup (true or false)."""
     limits = ("max_images", "max_queued", "max_in_flight", "warmup")
     unknown = sorted(set(args) - {*MODEL_FLAGS, *limits})
@@ -110,7 +110,7 @@ def config_options(args: dict) -> tuple[dict, ServerOptions, SchedulerOptions]:
         raise WuerstchenError(f"args {', '.join(unknown)}: unknown; expected any of {', '.join(MODEL_FLAGS[:-1])}, "
                               f"{', '.join(limits)}")
     flags = {"preset": None, "prior": None, "decoder": None, "variant": None, "bundle": None, "backend": None,
-             "build_engines": False, "device": "auto", "dtype": "auto", "default_preset": "tiny"}
+             "build_engines": False, "device": "auto", "dtype": "auto", "quantize": None, "default_preset": "tiny"}
     flags.update((name, args[name]) for name in MODEL_FLAGS if name in args)
     _check_device(flags["device"])
     server = ServerOptions(max_images=int(args.get("max_images", 4)),
