@@ -130,11 +130,11 @@ class QuantRecipe:
     def load(cls, path: str | Path) -> QuantRecipe:
         path = Path(path)
         if not path.is_file():
-            raise WuerstchenError(f"quantize_recipe={str(path)!r}: file does not exist")
+            raise WuerstchenError(f"quantize={str(path)!r}: file does not exist")
         try:
             values = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise WuerstchenError(f"quantize_recipe={str(path)!r} is not valid JSON: {error}") from None
+            raise WuerstchenError(f"quantize={str(path)!r} is not valid JSON: {error}") from None
         return cls.from_dict(values, where=str(path))
 
 

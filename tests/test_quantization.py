@@ -199,7 +199,7 @@ def test_quantize_on_load_scans_applies_and_keeps_its_recipe(references, tmp_pat
 @pytest.mark.parametrize("kwargs, message", [
     (dict(quantize="fp4"), r"^quantize='fp4' is not supported: expected none, fp8 .*, int8 .*, or a recipe file"),
     (dict(quantize="int8", dtype="fp32"), r"^quantize='int8' quantizes fp16 or bf16 weights, and dtype is fp32"),
-    (dict(quantize="missing.json"), r"^quantize_recipe='missing.json': file does not exist$"),
+    (dict(quantize="missing.json"), r"^quantize='missing.json': file does not exist$"),
     (dict(quantize=7), r"^quantize=7 is not supported"),
 ])
 def test_quantize_refusals_are_one_line(kwargs, message):
