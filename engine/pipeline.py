@@ -445,8 +445,8 @@ class WuerstchenPipeline:
         quantize: str | Path | QuantRecipe | None = None,
     ) -> WuerstchenPipeline:
         """A pipeline of a named architecture (`wuerstchen-v2` or `tiny`) with seeded random weights and a
-        byte-level tokenizer: its images are noise, its cost is the real model's. The other arguments as
-        for `from_pretrained`."""
+        byte-level tokenizer: its images show no picture (the tiny demo's shapes and colours follow the prompt
+        and the seed), its cost is the real model's. The other arguments as for `from_pretrained`."""
         return cls.load(resolve(ModelSource.from_preset(name, seed), backend, device, dtype, options, quantize))
 
     @classmethod

@@ -35,9 +35,9 @@ class Models:
 SCAN_SIZE = 256  # the image side a `quantize="fp8"|"int8"` scan measures one step at, on load
 
 
-def load(runtime: Runtime, progress: Callable[[str], None] = lambda _: None) -> tuple[WuerstchenConfig, Stages]:
+def load(runtime: Runtime) -> tuple[WuerstchenConfig, Stages]:
     config, models = load_models(runtime.source, runtime.device, runtime.dtype)
-    recipe = quantize_models(config, models, runtime.quantization, progress)
+    recipe = quantize_models(config, models, runtime.quantization)
     return config, stages(models, runtime.backend, runtime.options, recipe)
 
 
