@@ -21,8 +21,9 @@ import torch
 from benchmarks.harness import PROMPT, instrument_diffusers, instrument_engine, matmul_peak_tflops, measure
 from engine.errors import WuerstchenError
 from engine.precision import Precision
+from engine.quantization import QuantRecipe
 from engine.recipe import Recipe
-from engine.runtime import Runtime
+from engine.runtime import Runtime, describe_quantization
 from engine.shapes import check_image_size
 
 BASELINES = ("diffusers", "diffusers-compile")
@@ -122,10 +123,13 @@ def compiled(pipe) -> Iterator[None]:
 def cold_start_seconds(options: Options, target: str, height: int, width: int, batch: int) -> float:
     """Seconds from starting a fresh Python process to its first image (imports, loading, one call)."""
     runtime = options.runtimes[0]
+    quantization = runtime.quantization if target not in BASELINES else None
     spec = {"target": target, "source": {k: str(v) if isinstance(v, Path) else v
                                          for k, v in asdict(runtime.source).items()},
             "device": str(options.device), "dtype": options.precision.value, "height": height, "width": width,
-            "batch": batch, "recipe": asdict(options.recipe)}
+            "batch": batch, "recipe": asdict(options.recipe),
+            # a scheme is scanned in the child too (part of its cold start); a recipe is applied as it is
+            "quantize": quantization.to_dict() if isinstance(quantization, QuantRecipe) else quantization}
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "benchmarks.cold_start", json.dumps(spec)], cwd=REPOSITORY,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -231,12 +235,16 @@ def run(options: Options, progress=print, targets: dict | None = None) -> list[d
                 summary["speedup_vs"] = {other: result["latency_s"]["median"] / summary["latency_s"]["median"]
                                          for other, result in measured.items() if other != target}
                 runtime = backends.get(target, options.runtimes[0])
+                engine_runtime = getattr(targets[target][0], "runtime", None)  # None for diffusers
+                quantization = engine_runtime.quantization if engine_runtime is not None else None
                 recipe = asdict(options.recipe) | {"prior_evaluations": options.recipe.prior_evaluations}
                 records.append({
                     "provenance": origin,
                     "workload": {"target": target, "source": runtime.source.describe(),
                                  "backend": "torch" if target in BASELINES else target,
-                                 "dtype": runtime.precision.value, "height": height, "width": width,
+                                 "dtype": runtime.precision.value,
+                                 "quantization": quantization and describe_quantization(quantization),
+                                 "height": height, "width": width,
                                  "batch": batch, "warmup": options.warmup, "runs": options.runs,
                                  "recipe": {k: v for k, v in recipe.items() if k not in ("height", "width")}},
                     "matmul_peak_tflops": peak,

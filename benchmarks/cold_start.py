@@ -14,13 +14,17 @@ def main(spec: dict) -> None:
     import torch
 
     from benchmarks.bench import BASELINES, _call, build_engine, compiled
+    from engine.quantization import QuantRecipe
     from engine.recipe import Recipe
     from engine.runtime import ModelSource, resolve
 
     source = ModelSource(**spec["source"])
     recipe = Recipe(**spec["recipe"])
     if spec["target"] not in BASELINES:
-        pipe = build_engine(resolve(source, spec["target"], spec["device"], spec["dtype"]))
+        quantize = spec.get("quantize")
+        if isinstance(quantize, dict):
+            quantize = QuantRecipe.from_dict(quantize)
+        pipe = build_engine(resolve(source, spec["target"], spec["device"], spec["dtype"], quantize=quantize))
     else:
         from benchmarks.reference import diffusers_pipeline, load_diffusers, random_reference
         from engine.text import byte_level_tokenizer

@@ -6,11 +6,13 @@ of the engine, so everything that imports it lives here, outside `engine/`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from engine import WuerstchenConfig, WuerstchenPipeline
-from engine.backends.pytorch import Models, stages
+from engine.backends.pytorch import Models, quantize_models, stages
 from engine.models import Decoder, Prior, VQGANDecoder
 from engine.models.vqgan import ENCODER_PREFIXES
 from engine.runtime import Runtime
@@ -63,7 +65,8 @@ def engine_stage(stage: str, module: nn.Module, config: WuerstchenConfig) -> nn.
 def engine_pipeline(modules: dict[str, nn.Module], tokenizer, config: WuerstchenConfig,
                     runtime: Runtime) -> WuerstchenPipeline:
     """Our pipeline on the weights of `diffusers_pipeline(modules, tokenizer)`, on the runtime's PyTorch
-    backend (its device and precision must be the modules')."""
+    backend (its device and precision must be the modules'), quantized as the runtime says (diffusers' modules
+    are left as they are)."""
     device = runtime.device
     models = Models(
         prior_text=TextEncoder(tokenizer, ClipStates(modules["prior_text"]), device),
@@ -72,7 +75,10 @@ def engine_pipeline(modules: dict[str, nn.Module], tokenizer, config: Wuerstchen
         decoder=engine_stage("decoder", modules["decoder"], config),
         vqgan=engine_stage("vqgan", modules["vqgan"], config),
     )
-    pipe = WuerstchenPipeline(config, stages(models, runtime.backend, runtime.options), runtime)
+    recipe = quantize_models(config, models, runtime.quantization)
+    if recipe is not None:
+        runtime = replace(runtime, quantization=recipe)
+    pipe = WuerstchenPipeline(config, stages(models, runtime.backend, runtime.options, recipe), runtime)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

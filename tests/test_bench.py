@@ -40,8 +40,8 @@ def test_json_records_hold_provenance_workload_and_results(bench_run):
         assert origin["versions"]["torch"] and origin["device"].startswith("CPU")
         assert workload | {"recipe": None} == {
             "target": workload["target"], "source": "tiny demo (random weights, seed 0)", "backend": "torch",
-            "dtype": "fp32", "height": 128, "width": 128, "batch": workload["batch"], "warmup": 1, "runs": 2,
-            "recipe": None}
+            "dtype": "fp32", "quantization": None, "height": 128, "width": 128, "batch": workload["batch"],
+            "warmup": 1, "runs": 2, "recipe": None}
         assert workload["recipe"] == {"prior_steps": 3, "prior_guidance": 4.0, "decoder_steps": 2,
                                       "decoder_guidance": 0.0, "prior_evaluations": 3}
         latency = results["latency_s"]
@@ -407,3 +407,37 @@ def test_the_kernel_benchmarks_check_their_json_path_first(tmp_path, capsys, scr
 def test_the_kernel_benchmarks_say_in_one_line_that_they_need_a_gpu(script):
     with pytest.raises(SystemExit, match=r"^benchmarks\.\w+ \w+ GPU kernels: no CUDA GPU is available here$"):
         script.main([])
+
+
+def test_a_quantized_bench_measures_the_quantized_engine_beside_diffusers(tmp_path, monkeypatch):
+    """--quantize reaches the engine built on diffusers' weights and the cold-start child, and each record
+    says what ran: the engine's recipe, diffusers unquantized."""
+    from engine.models import quantized
+
+    monkeypatch.setattr(quantized, "interpreted", lambda: False)  # the kernels' references, not the interpreter
+    specs = []
+    monkeypatch.setattr(bench, "cold_start_seconds", lambda options, target, *rest: specs.append(
+        (target, options.runtimes[0].quantization)) or 1.0)
+    argv = ["bench", *TINY, "--quantize", "int8", "--baseline", "diffusers", "--json", str(tmp_path / "o.json")]
+    assert main(argv) == 0
+    records = {r["workload"]["target"]: r["workload"] for r in json.loads((tmp_path / "o.json").read_text())["records"]}
+    assert records["torch"]["quantization"].startswith("int8 (prior ") and records["torch"]["dtype"] == "bf16"
+    assert records["diffusers"]["quantization"] is None and records["diffusers"]["dtype"] == "bf16"
+    assert [target for target, _ in specs] == ["torch", "diffusers"] and specs[0][1].value == "int8"
+
+
+def test_the_cold_start_child_builds_the_quantized_engine(monkeypatch, capsys):
+    from benchmarks import cold_start
+    from engine.models import quantized
+    from engine.quantization import QuantRecipe
+
+    monkeypatch.setattr(quantized, "interpreted", lambda: False)
+    built, build_engine = [], bench.build_engine
+    monkeypatch.setattr(bench, "build_engine", lambda runtime: built.append(runtime) or build_engine(runtime))
+    recipe = QuantRecipe.every("int8")
+    cold_start.main({"target": "torch", "source": {"preset": "tiny"}, "device": "cpu", "dtype": "bf16", "height": 128,
+                     "width": 128, "batch": 1, "recipe": {"prior_steps": 2, "decoder_steps": 2},
+                     "quantize": recipe.to_dict()})
+    assert capsys.readouterr().out == "first image\n"
+    assert built[0].quantization == recipe and built[0].precision.value == "bf16"
+
