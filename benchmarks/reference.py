@@ -55,6 +55,28 @@ def diffusers_pipeline(modules: dict[str, nn.Module], tokenizer):
     return pipe
 
 
+def diffusers_prior_pipeline(modules: dict[str, nn.Module], tokenizer):
+    """diffusers' `WuerstchenPriorPipeline` (text → image embeddings) around the prior's modules."""
+    from diffusers import DDPMWuerstchenScheduler, WuerstchenPriorPipeline
+
+    pipe = WuerstchenPriorPipeline(tokenizer=tokenizer, text_encoder=modules["prior_text"], prior=modules["prior"],
+                                   scheduler=DDPMWuerstchenScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_decoder_pipeline(modules: dict[str, nn.Module], tokenizer):
+    """diffusers' `WuerstchenDecoderPipeline` (image embeddings and text → images) around the decoder's and
+    the VQGAN's modules."""
+    from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline
+
+    pipe = WuerstchenDecoderPipeline(tokenizer=tokenizer, text_encoder=modules["decoder_text"],
+                                     decoder=modules["decoder"], scheduler=DDPMWuerstchenScheduler(),
+                                     vqgan=modules["vqgan"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def engine_stage(stage: str, module: nn.Module, config: WuerstchenConfig) -> nn.Module:
     """Our model of `stage` ("prior", "decoder" or "vqgan") sharing `module`'s weights (q, k and v are
     stacked into one copy; the VQGAN's encoder half is left out, as the loader leaves it)."""

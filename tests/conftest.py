@@ -12,7 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run in its interpreter; set before importing it
 
-from benchmarks.reference import diffusers_pipeline, random_reference  # noqa: E402
+from benchmarks.reference import (  # noqa: E402
+    diffusers_decoder_pipeline,
+    diffusers_pipeline,
+    diffusers_prior_pipeline,
+    random_reference,
+)
 from engine import preset  # noqa: E402
 from engine.text import byte_level_tokenizer  # noqa: E402
 
@@ -38,17 +43,9 @@ def pytest_collection_modifyitems(config, items):
 
 def save_folders(modules: dict, root) -> tuple:
     """Write the modules as the two published folders (warp-ai/wuerstchen-prior, warp-ai/wuerstchen)."""
-    from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
-
     prior_dir, decoder_dir = root / "wuerstchen-prior", root / "wuerstchen"
-    WuerstchenPriorPipeline(
-        tokenizer=byte_level_tokenizer(), text_encoder=modules["prior_text"], prior=modules["prior"],
-        scheduler=DDPMWuerstchenScheduler(),
-    ).save_pretrained(prior_dir)
-    WuerstchenDecoderPipeline(
-        tokenizer=byte_level_tokenizer(), text_encoder=modules["decoder_text"], decoder=modules["decoder"],
-        scheduler=DDPMWuerstchenScheduler(), vqgan=modules["vqgan"],
-    ).save_pretrained(decoder_dir)
+    diffusers_prior_pipeline(modules, byte_level_tokenizer()).save_pretrained(prior_dir)
+    diffusers_decoder_pipeline(modules, byte_level_tokenizer()).save_pretrained(decoder_dir)
     return prior_dir, decoder_dir
 
 
@@ -67,6 +64,18 @@ def tiny_folders(reference_modules, tmp_path_factory) -> tuple:
 @pytest.fixture(scope="session")
 def reference_pipeline(reference_modules):
     return diffusers_pipeline(reference_modules, byte_level_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def prior_pipeline(reference_modules):
+    """diffusers' prior-only pipeline over the reference modules."""
+    return diffusers_prior_pipeline(reference_modules, byte_level_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def decoder_pipeline(reference_modules):
+    """diffusers' decoder-only pipeline over the reference modules."""
+    return diffusers_decoder_pipeline(reference_modules, byte_level_tokenizer())
 
 
 @pytest.fixture(scope="session")

@@ -39,27 +39,6 @@ def _max_diff(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def prior_pipeline(reference_modules):
-    from diffusers import DDPMWuerstchenScheduler, WuerstchenPriorPipeline
-
-    pipe = WuerstchenPriorPipeline(tokenizer=byte_level_tokenizer(), text_encoder=reference_modules["prior_text"],
-                                   prior=reference_modules["prior"], scheduler=DDPMWuerstchenScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def decoder_pipeline(reference_modules):
-    from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline
-
-    pipe = WuerstchenDecoderPipeline(tokenizer=byte_level_tokenizer(), text_encoder=reference_modules["decoder_text"],
-                                     decoder=reference_modules["decoder"], scheduler=DDPMWuerstchenScheduler(),
-                                     vqgan=reference_modules["vqgan"])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def text_embeddings(tiny_pipeline):
     """Prior text states of two prompts and two negative prompts, perturbed so no prompt makes them."""
     generator = _seed(21)

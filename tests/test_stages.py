@@ -25,26 +25,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def prior_pipeline(reference_modules):
-    from diffusers import DDPMWuerstchenScheduler, WuerstchenPriorPipeline
-
-    pipe = WuerstchenPriorPipeline(tokenizer=byte_level_tokenizer(), text_encoder=reference_modules["prior_text"],
-                                   prior=reference_modules["prior"], scheduler=DDPMWuerstchenScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def decoder_pipeline(modules):
-    from diffusers import DDPMWuerstchenScheduler, WuerstchenDecoderPipeline
-
-    pipe = WuerstchenDecoderPipeline(tokenizer=byte_level_tokenizer(), text_encoder=modules["decoder_text"],
-                                     decoder=modules["decoder"], scheduler=DDPMWuerstchenScheduler(),
-                                     vqgan=modules["vqgan"])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_run_prior_makes_diffusers_prior_embeddings(tiny_pipeline, prior_pipeline, case):
     kwargs = dict(height=256, width=128, num_inference_steps=3, **CASES[case])
@@ -59,13 +39,13 @@ def test_run_prior_makes_diffusers_prior_embeddings(tiny_pipeline, prior_pipelin
 
 
 @pytest.mark.parametrize("guidance, output_type", [(0.0, "np"), (3.0, "np"), (0.0, "pil")])
-def test_run_decoder_makes_diffusers_decoder_images(tiny_pipeline, reference_modules, guidance, output_type):
+def test_run_decoder_makes_diffusers_decoder_images(tiny_pipeline, decoder_pipeline, guidance, output_type):
     embeddings = tiny_pipeline.run_prior("a cat", height=128, width=256, num_inference_steps=2,
                                          num_images_per_prompt=2, generator=torch.Generator().manual_seed(1))
     kwargs = dict(prompt="a cat", negative_prompt="dog" if guidance > 1 else None, num_inference_steps=3,
                   guidance_scale=guidance, output_type=output_type)
-    expected = decoder_pipeline(reference_modules)(embeddings.image_embeddings, **kwargs,
-                                                   generator=torch.Generator().manual_seed(5)).images
+    expected = decoder_pipeline(embeddings.image_embeddings, **kwargs,
+                                generator=torch.Generator().manual_seed(5)).images
     actual = tiny_pipeline.run_decoder(embeddings.image_embeddings, **kwargs,
                                        generator=torch.Generator().manual_seed(5)).images
     if output_type == "pil":
