@@ -30,18 +30,23 @@ GROUP_M = 8  # rows of tiles walked together, so that neighbouring programs shar
 
 
 @triton.jit
+def grouped_tile(program, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    """The (row, column) tile of an M × N output that `program` computes, programs ordered in groups of GROUP
+    tile rows, so that neighbouring programs share weight tiles in L2."""
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = program // (GROUP * tiles_n) * GROUP
+    group_rows = tl.minimum(tiles_m - first_m, GROUP)
+    return first_m + program % (GROUP * tiles_n) % group_rows, program % (GROUP * tiles_n) // group_rows
+
+
+@triton.jit
 def _linear_gelu(
     X, W, Bias, Out, M, N, K, stride_xm, stride_wn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # One program: a BLOCK_M × BLOCK_N tile of the output, programs ordered in groups of GROUP tile rows.
-    program = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = program // (GROUP * tiles_n) * GROUP
-    group_rows = tl.minimum(tiles_m - first_m, GROUP)
-    tile_m = first_m + program % (GROUP * tiles_n) % group_rows
-    tile_n = program % (GROUP * tiles_n) // group_rows
+    tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
     # 64-bit offsets: rows · N passes 2³¹ from 11 images of 1024² at once in the VQGAN.
     rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kernels import DTYPES, check_device, dot_precision, interpreted
 from kernels.matmul import CONFIGS as WIDE_CONFIGS
-from kernels.matmul import GROUP_M, INTERPRETER_TILES
+from kernels.matmul import GROUP_M, INTERPRETER_TILES, grouped_tile
 
 FP8 = torch.float8_e4m3fn
 QMAX = {FP8: 448.0, torch.int8: 127.0}  # the largest value of each format: symmetric scales map absmax to it
@@ -195,13 +195,8 @@ def _scaled_linear(
     UPCAST: tl.constexpr,
 ):
     # One program: a BLOCK_M × BLOCK_N tile of (X Wᵀ) · x_scale[m] · w_scale[n] + bias[n] + residual[m, n],
-    # programs ordered in groups of GROUP tile rows, as `kernels.matmul`'s.
-    program = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    first_m = program // (GROUP * tiles_n) * GROUP
-    group_rows = tl.minimum(tiles_m - first_m, GROUP)
-    tile_m = first_m + program % (GROUP * tiles_n) % group_rows
-    tile_n = program % (GROUP * tiles_n) // group_rows
+    # programs ordered in groups of GROUP tile rows (`kernels.matmul.grouped_tile`).
+    tile_m, tile_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
     rows = (tile_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     inner = tl.arange(0, BLOCK_K)
