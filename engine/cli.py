@@ -64,10 +64,10 @@ class _Parser(argparse.ArgumentParser):
 
 def model_flags(parser: argparse.ArgumentParser, *, default_preset: str, bundles: bool = True,
                 backends: str = "one", default_device: str = "auto", default_dtype: str = "auto",
-                quantize: bool = True) -> None:
+                quantize: str = "one") -> None:
     """The flags that choose what runs, the same in every command: the source (--preset, --prior/--decoder
-    with --variant, --bundle), --backend (`backends`: "one", "many" or "none"), --device, --dtype and, where
-    `quantize`, --quantize."""
+    with --variant, --bundle), --backend (`backends`: "one", "many" or "none"), --device, --dtype and
+    --quantize (`quantize`: "one", "many" or "none")."""
     parser.add_argument("--preset", help=f"random weights of an architecture: tiny or wuerstchen-v2 (default, "
                                          f"without folders: {default_preset})")
     parser.add_argument("--prior", metavar="DIR", help="warp-ai/wuerstchen-prior: a folder or a Hub repo id")
@@ -89,17 +89,21 @@ def model_flags(parser: argparse.ArgumentParser, *, default_preset: str, bundles
     auto = "fp16 on a GPU, fp32 on the CPU" + ("; a bundle's own on ONNX Runtime; bf16 on TensorRT" if bundles else "")
     parser.add_argument("--dtype", default=default_dtype,
                         help=f"auto ({auto}), {Precision.describe()} (default {default_dtype})")
-    if quantize:
-        parser.add_argument("--quantize", metavar="SCHEME", default="none",
+    if quantize != "none":
+        parser.add_argument("--quantize", metavar="SCHEME", nargs="+" if quantize == "many" else None,
+                            default=["none"] if quantize == "many" else "none",
                             help="hold the prior's and decoder's block Linears in 8 bits (torch backends): fp8 (sm_89+ "
                                  "GPUs) or int8, the layers picked by a sensitivity scan on load, or a recipe file "
-                                 "(.json) naming them; runs in fp16 on a GPU, bf16 on the CPU (default none)")
+                                 "(.json) naming them; runs in fp16 on a GPU, bf16 on the CPU (default none)"
+                                 + ("; several to compare, none among them for the unquantized model"
+                                    if quantize == "many" else ""))
     parser.set_defaults(default_preset=default_preset)
 
 
-def resolve_flags(args: argparse.Namespace, backend: str | None = None):
-    """The `Runtime` that `model_flags` ask for (with `backend` in place of --backend, for commands that run
-    several or one of their own): the same answer for the same flags in every command."""
+def resolve_flags(args: argparse.Namespace, backend: str | None = None, quantize: str | None = None):
+    """The `Runtime` that `model_flags` ask for (with `backend` in place of --backend and `quantize` in place of
+    --quantize, for commands that run several or one of their own): the same answer for the same flags in
+    every command."""
     from engine.backends import Backend, TensorRTOptions
     from engine.runtime import ModelSource, resolve
 
@@ -110,7 +114,7 @@ def resolve_flags(args: argparse.Namespace, backend: str | None = None):
     options = None
     if chosen is not None and Backend.parse(chosen) is Backend.TENSORRT:
         options = TensorRTOptions(build_missing=getattr(args, "build_engines", False))
-    return resolve(source, chosen, args.device, args.dtype, options, getattr(args, "quantize", None))
+    return resolve(source, chosen, args.device, args.dtype, options, quantize or getattr(args, "quantize", None))
 
 
 def _output_paths(out: str, count: int) -> list[Path]:
@@ -220,7 +224,7 @@ def generate(args: argparse.Namespace) -> int:
 
     runtime = resolve_flags(args)
     config = runtime.source.read_config()
-    demo = runtime.source.kind == "preset" and runtime.source.preset == "tiny"
+    demo = runtime.source.demo
     recipe = _recipe(args, demo)
 
     # 1. Check everything a user typed before loading gigabytes of weights.

@@ -118,6 +118,11 @@ class ModelSource:
         return "bundle" if self.bundle else "folders" if self.prior else "preset"
 
     @property
+    def demo(self) -> bool:
+        """Whether this is the built-in tiny demo model (random weights), whose commands default to small images."""
+        return self.kind == "preset" and self.preset == "tiny"
+
+    @property
     def default_backend(self) -> Backend:
         return Backend.ONNXRUNTIME if self.bundle else Backend.TORCH
 
@@ -127,8 +132,7 @@ class ModelSource:
         if self.prior:
             prior, decoder = self.names or (self.prior, self.decoder)
             return f"{prior} + {decoder}"
-        demo = " demo" if self.preset == "tiny" else ""
-        return f"{self.preset}{demo} (random weights, seed {self.seed})"
+        return f"{self.preset}{' demo' if self.demo else ''} (random weights, seed {self.seed})"
 
     def read_config(self) -> WuerstchenConfig:
         """The model's config, read without loading any weights; a bundle's narrows the sizes to its range."""

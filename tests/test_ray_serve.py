@@ -73,6 +73,17 @@ def test_the_config_file_is_a_valid_deployment_of_build_app():
         build_app({"device": "cuda:1"})
 
 
+def test_a_replica_of_the_demo_model_makes_its_small_images_as_wuerstchen_serve_does():
+    replica_class = Wuerstchen.func_or_class
+    replica = replica_class.__new__(replica_class)
+    defined = replica_class.__mro__[1]  # ours: serve.ingress wraps it in a subclass whose __init__ is async
+    defined.__init__(replica, DEMO, ServerOptions(warmup=None), SchedulerOptions())
+    try:
+        assert (replica.service.options.recipe.height, replica.service.options.recipe.width) == (256, 256)
+    finally:
+        replica.service.pipe.close()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

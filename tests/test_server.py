@@ -413,6 +413,19 @@ def test_ray_serve_without_ray_is_a_one_line_error_naming_what_to_install(monkey
     assert error.count("\n") == 1 and 'pip install "wuerstchen-engine[ray]"' in error
 
 
+def test_the_demo_models_requests_and_warm_up_default_to_its_small_size():
+    from engine.runtime import ModelSource, resolve
+    from engine.serving.app import for_model
+
+    options = ServerOptions()
+    demo = for_model(options, resolve(ModelSource.choose(preset="tiny"), "torch", "cpu"))
+    assert (demo.recipe.height, demo.recipe.width, demo.warmup.height, demo.warmup.decoder_steps) == (256, 256, 256, 2)
+    assert demo.recipe.decoder_steps == options.recipe.decoder_steps
+    assert for_model(ServerOptions(warmup=None), resolve(ModelSource.choose(preset="tiny"), "torch", "cpu")).warmup \
+        is None
+    assert for_model(options, resolve(ModelSource.choose(preset="wuerstchen-v2"), "torch", "cpu")) is options
+
+
 def test_the_serve_command_serves_the_demo_model_and_logs_json_lines():
     command = [sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--no-warmup"]
     with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:

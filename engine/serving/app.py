@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -44,7 +45,6 @@ from starlette.exceptions import HTTPException
 
 from engine.errors import WuerstchenError
 from engine.pipeline import WuerstchenPipeline
-from engine.recipe import Recipe
 from engine.scheduler import Refused, SchedulerOptions
 from engine.serving.api import (
     ApiError,
@@ -470,16 +470,23 @@ class BackgroundServer:
         self.socket.close()
 
 
-def options_from_args(args, demo: bool = False) -> tuple[ServerOptions, SchedulerOptions]:
-    """`wuerstchen serve`'s flags as the server's and the scheduler's options; the demo model's requests are
-    `DEMO_SIZE`² unless they give a size, as `generate`'s are."""
+def options_from_args(args) -> tuple[ServerOptions, SchedulerOptions]:
+    """`wuerstchen serve`'s flags as the server's and the scheduler's options."""
+    server = ServerOptions(max_images=args.max_images, api_key=args.api_key,
+                           **({"warmup": None} if args.no_warmup else {}))
+    return server, SchedulerOptions(max_queued=args.max_queued, max_in_flight=args.max_in_flight)
+
+
+def for_model(options: ServerOptions, runtime) -> ServerOptions:
+    """`options` for the model `runtime` serves: for the demo model, requests that give no size and the
+    warm-up are `DEMO_SIZE`², as `generate`'s images are."""
     from engine.cli import DEMO_SIZE
 
-    defaults = ServerOptions()
-    server = ServerOptions(recipe=Recipe(height=DEMO_SIZE, width=DEMO_SIZE) if demo else defaults.recipe,
-                           max_images=args.max_images, api_key=args.api_key,
-                           warmup=None if args.no_warmup else defaults.warmup)
-    return server, SchedulerOptions(max_queued=args.max_queued, max_in_flight=args.max_in_flight)
+    if not runtime.source.demo:
+        return options
+    size = {"height": DEMO_SIZE, "width": DEMO_SIZE}
+    return replace(options, recipe=replace(options.recipe, **size),
+                   warmup=options.warmup and replace(options.warmup, **size))
 
 
 def serve_command(args, runtime) -> int:
@@ -487,10 +494,10 @@ def serve_command(args, runtime) -> int:
     from engine.cli import DEMO_NOTICE
 
     log_json_lines()
-    demo = runtime.source.kind == "preset" and runtime.source.preset == "tiny"
-    server_options, scheduler_options = options_from_args(args, demo)
+    server_options, scheduler_options = options_from_args(args)
+    server_options = for_model(server_options, runtime)
     sock = bind(args.host, args.port)  # before loading: a port in use is an error in a second, not a minute
-    if demo:
+    if runtime.source.demo:
         print(f"wuerstchen: {DEMO_NOTICE}", file=sys.stderr)
     service = Service.load(runtime, scheduler_options, server_options)
     log_event("listening", url=url(sock), model=runtime.describe(), authenticated=bool(args.api_key))

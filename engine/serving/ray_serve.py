@@ -32,7 +32,7 @@ from engine.errors import WuerstchenError
 from engine.scheduler import SchedulerOptions
 from engine.serving import API_KEY_VARIABLE
 from engine.serving.api import ServerOptions
-from engine.serving.app import Service, create_app, options_from_args
+from engine.serving.app import Service, create_app, for_model, options_from_args
 from engine.serving.telemetry import log_event, log_json_lines
 
 APP_NAME = "wuerstchen"
@@ -67,7 +67,8 @@ class Wuerstchen:
         runtime = resolve_flags(argparse.Namespace(**flags))
         # The key from the command line, else from the replica's environment (a config file's runtime_env). No
         # X-Request-Id of our own: Ray's proxy sets it on every answer (the id it passed to this replica).
-        server = replace(server, api_key=server.api_key or os.environ.get(API_KEY_VARIABLE), echo_request_id=False)
+        server = replace(for_model(server, runtime), api_key=server.api_key or os.environ.get(API_KEY_VARIABLE),
+                         echo_request_id=False)
         self.service = Service.load(runtime, scheduler, server)
         self.service.warm_up()  # Ray routes requests to a replica only once its constructor has returned
 
