@@ -32,8 +32,9 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Options:
-    """What to measure: one resolved runtime per backend (one source, device and precision for all of them,
-    as `engine.cli.resolve_flags` resolves the command line), the workloads and the baselines."""
+    """What to measure: one resolved runtime per backend and quantization scheme (one source, device and
+    precision for all of them, as `engine.cli.resolve_flags` resolves the command line), the workloads and the
+    baselines."""
 
     runtimes: tuple[Runtime, ...]
     sizes: tuple[tuple[int, int], ...]
@@ -51,6 +52,16 @@ class Options:
     @property
     def precision(self) -> Precision:
         return self.runtimes[0].precision
+
+
+def target_name(runtime: Runtime) -> str:
+    """A target of this engine as the records name it: its backend, and its scheme when quantized
+    ("torch-fast fp8")."""
+    quantization = runtime.quantization
+    if quantization is None:
+        return runtime.backend.value
+    scheme = quantization.scheme if isinstance(quantization, QuantRecipe) else quantization
+    return f"{runtime.backend.value} {scheme.value}"
 
 
 def provenance(device: torch.device) -> dict:
@@ -99,12 +110,13 @@ def build_diffusers(options: Options):
     logging.set_verbosity_error()  # its deprecation and dtype-cast notices would bury the report
     source, device, dtype = options.runtimes[0].source, options.device, options.precision.torch_dtype
     if source.kind == "folders":
-        engines = {runtime.backend: build_engine(runtime) for runtime in options.runtimes}
+        engines = {target_name(runtime): build_engine(runtime) for runtime in options.runtimes}
         return engines, load_diffusers(source.prior, source.decoder, device, dtype)
     config = source.read_config()
     modules = random_reference(config, device=device, dtype=dtype)
     tokenizer = byte_level_tokenizer()
-    engines = {runtime.backend: engine_pipeline(modules, tokenizer, config, runtime) for runtime in options.runtimes}
+    engines = {target_name(runtime): engine_pipeline(modules, tokenizer, config, runtime)
+               for runtime in options.runtimes}
     return engines, diffusers_pipeline(modules, tokenizer)
 
 
@@ -122,10 +134,11 @@ def compiled(pipe) -> Iterator[None]:
 
 def cold_start_seconds(options: Options, target: str, height: int, width: int, batch: int) -> float:
     """Seconds from starting a fresh Python process to its first image (imports, loading, one call)."""
-    runtime = options.runtimes[0]
-    quantization = runtime.quantization if target not in BASELINES else None
-    spec = {"target": target, "source": {k: str(v) if isinstance(v, Path) else v
-                                         for k, v in asdict(runtime.source).items()},
+    runtimes = {target_name(runtime): runtime for runtime in options.runtimes}
+    runtime = runtimes.get(target, options.runtimes[0])
+    quantization = runtime.quantization if target in runtimes else None
+    spec = {"target": target if target in BASELINES else runtime.backend.value,
+            "source": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(runtime.source).items()},
             "device": str(options.device), "dtype": options.precision.value, "height": height, "width": width,
             "batch": batch, "recipe": asdict(options.recipe),
             # a scheme is scanned in the child too (part of its cold start); a recipe is applied as it is
@@ -170,8 +183,8 @@ def _targets(options: Options) -> dict:
     if options.baselines:
         engines, reference = build_diffusers(options)
     else:
-        engines = {runtime.backend: build_engine(runtime) for runtime in options.runtimes}
-    targets = {backend.value: engine_target(engine) for backend, engine in engines.items()}
+        engines = {target_name(runtime): build_engine(runtime) for runtime in options.runtimes}
+    targets = {name: engine_target(engine) for name, engine in engines.items()}
     if "diffusers" in options.baselines:
         targets["diffusers"] = (reference, instrument_diffusers, contextlib.nullcontext)
     if "diffusers-compile" in options.baselines:  # compiled graphs cannot carry per-stage timers
@@ -200,6 +213,20 @@ def _measure_target(pipe, instrument, setup, call: dict, options: Options, batch
     return found.summary(batch) | {"first_call_s": first_call_s}
 
 
+def denoiser_weights_gb(pipe) -> float | None:
+    """The prior's and decoder's weights in memory, GB (what --quantize shrinks), of this engine's PyTorch stages
+    or of diffusers' pipeline; None on a bundle's backends."""
+    from engine.models.quantized import weight_bytes
+
+    if hasattr(pipe, "prior_pipe"):  # diffusers
+        models = (pipe.prior_pipe.prior, pipe.decoder_pipe.decoder)
+    else:
+        models = (getattr(pipe.stages, "prior", None), getattr(pipe.stages, "decoder", None))
+    if not all(isinstance(model, torch.nn.Module) for model in models):
+        return None
+    return sum(weight_bytes(model) for model in models) / 1e9
+
+
 def engine_target(pipe) -> tuple:
     """A target entry for one of this engine's pipelines (see `_targets`)."""
     return pipe, instrument_engine, contextlib.nullcontext
@@ -212,7 +239,7 @@ def run(options: Options, progress=print, targets: dict | None = None) -> list[d
     config = next(iter(targets.values()))[0].config
     peak = matmul_peak_tflops(options.device, options.precision.torch_dtype)
     origin = provenance(options.device)
-    backends = {runtime.backend.value: runtime for runtime in options.runtimes}
+    runtimes = {target_name(runtime): runtime for runtime in options.runtimes}
     records = []
     for height, width in options.sizes:
         for batch in options.batches:
@@ -224,6 +251,7 @@ def run(options: Options, progress=print, targets: dict | None = None) -> list[d
                 summary = _measure_target(pipe, instrument, setup, call, options, batch)
                 summary["tflops"] = flops["request"]["total"] / summary["latency_s"]["median"] / 1e12
                 summary["fraction_of_matmul_peak"] = summary["tflops"] / peak
+                summary["weights_gb"] = denoiser_weights_gb(pipe)
                 for stage, stage_flops in flops["per_call"].items():
                     if stage in summary["stages_ms"]:
                         stage_ms = summary["stages_ms"][stage]
@@ -234,14 +262,14 @@ def run(options: Options, progress=print, targets: dict | None = None) -> list[d
             for target, summary in measured.items():
                 summary["speedup_vs"] = {other: result["latency_s"]["median"] / summary["latency_s"]["median"]
                                          for other, result in measured.items() if other != target}
-                runtime = backends.get(target, options.runtimes[0])
+                runtime = runtimes.get(target, options.runtimes[0])
                 engine_runtime = getattr(targets[target][0], "runtime", None)  # None for diffusers
                 quantization = engine_runtime.quantization if engine_runtime is not None else None
                 recipe = asdict(options.recipe) | {"prior_evaluations": options.recipe.prior_evaluations}
                 records.append({
                     "provenance": origin,
                     "workload": {"target": target, "source": runtime.source.describe(),
-                                 "backend": "torch" if target in BASELINES else target,
+                                 "backend": "torch" if target in BASELINES else runtime.backend.value,
                                  "dtype": runtime.precision.value,
                                  "quantization": quantization and describe_quantization(quantization),
                                  "height": height, "width": width,
@@ -282,11 +310,17 @@ def options_from_args(args) -> Options:
         raise WuerstchenError(f"--baseline {' '.join(unknown)}: expected any of {', '.join(BASELINES)}")
     if args.bundle and args.baseline:
         raise WuerstchenError("--baseline needs the weights: pass --preset or --prior/--decoder, not --bundle")
-    runtimes = tuple(resolve_flags(args, backend) for backend in dict.fromkeys(args.backend or [None]))
+    runtimes = tuple(resolve_flags(args, backend, scheme) for backend in dict.fromkeys(args.backend or [None])
+                     for scheme in dict.fromkeys(args.quantize))
+    names = [target_name(runtime) for runtime in runtimes]
+    if len(set(names)) < len(names):
+        raise WuerstchenError(f"--quantize {' '.join(args.quantize)}: expected each scheme once (two recipes of "
+                              "one scheme are two runs)")
     if len({(runtime.device, runtime.precision) for runtime in runtimes}) > 1:
-        found = ", ".join(f"{r.backend.value} {r.device} {r.precision.value}" for r in runtimes)
-        raise WuerstchenError(f"--backend {' '.join(args.backend)}: these run on different devices or precisions "
-                              f"({found}); bench them in separate runs")
+        found = ", ".join(f"{name} {r.device} {r.precision.value}" for name, r in zip(names, runtimes, strict=True))
+        raise WuerstchenError(f"--backend {' '.join(args.backend or ['(default)'])} --quantize "
+                              f"{' '.join(args.quantize)}: these run on different devices or precisions ({found}); "
+                              "pass --dtype, or bench them in separate runs")
     config = runtimes[0].source.read_config()
     sizes = tuple(_size(text) for text in args.sizes)
     for text, (height, width) in zip(args.sizes, sizes, strict=True):
@@ -306,7 +340,8 @@ def load_command(args, options: Options) -> int:
     from engine.files import write_atomically
 
     if len(options.runtimes) > 1 or options.baselines:
-        raise WuerstchenError("--load measures one backend and no baseline: the sequential run is its baseline")
+        raise WuerstchenError("--load measures one backend, one --quantize and no baseline: the sequential run is "
+                              "its baseline")
     for name in ("requests", *(["rate"] if args.rate is not None else [])):
         if not getattr(args, name) > 0:
             raise WuerstchenError(f"--{name} {getattr(args, name)}: expected a positive number")

@@ -15,7 +15,7 @@ def add_parser(commands) -> None:
         "bench", help="measure latency, throughput and efficiency, optionally against diffusers",
         description="Measure end-to-end latency, per-stage times, throughput, peak memory, cold start and "
                     "achieved TFLOP/s. Without a source, the full-size architecture with random weights.")
-    model_flags(bench, default_preset="wuerstchen-v2", backends="many")
+    model_flags(bench, default_preset="wuerstchen-v2", backends="many", quantize="many")
     bench.add_argument("--sizes", nargs="+", default=[str(published.height)], metavar="SIZE",
                        help=f"image sizes: {published.height} or HEIGHTxWIDTH (default {published.height})")
     bench.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N", help="images per call (default 1)")

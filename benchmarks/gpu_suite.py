@@ -11,7 +11,8 @@ numbers, autotuning, graph capture); fusions (`benchmarks.fusions`: which fusion
 (`wuerstchen bench`: torch, torch-fast and diffusers eager in one process, 1024², batch 1 and 4, fp16);
 attention (`benchmarks.attention`: the Triton kernel against SDPA); kernels (`benchmarks.kernel_profile`:
 kernel time by kind); then, only when time is left, quant (`benchmarks.quant_kernels`: the fp8 and int8
-GEMMs against cuBLAS bf16), load (`wuerstchen bench --load`: the step scheduler's
+GEMMs against cuBLAS bf16), quant-e2e (`wuerstchen bench --quantize none fp8`: torch-fast in bf16 against fp8,
+1024², batch 1), load (`wuerstchen bench --load`: the step scheduler's
 images/s at saturation and p99 at 80 % of it, against one request at a time) and e2e-compile (diffusers +
 torch.compile).
 
@@ -234,6 +235,11 @@ def plan(raw: Path, site: Path, wheel_folder: Path, dry_run: bool = False) -> li
                  65),
             Step("quant", "the quantized GEMM benchmark's command line",
                  (python, "-m", "benchmarks.quant_kernels", "--help"), 40, optional=True),
+            Step("quant-e2e", "the tiny preset on the CPU, unquantized and int8 in one run",
+                 (*bench, "--preset", "tiny", "--device", "cpu", "--dtype", "bf16", "--sizes", "128", "--backend",
+                  "torch", "--quantize", "none", "int8", "--prior-steps", "2", "--decoder-steps", "2", "--runs", "1",
+                  "--warmup", "1", "--no-cold-start", "--json", str(raw / "quant-e2e.json")), 90,
+                 raw / "quant-e2e.json", parse_bench, optional=True),
             Step("load", "the scheduler under load, the tiny preset on the CPU",
                  (*bench, "--preset", "tiny", "--device", "cpu", "--load", "--sizes", "128", "--prior-steps", "2",
                   "--decoder-steps", "2", "--concurrency", "1", "2", "--requests", "2", "--json",
@@ -260,6 +266,11 @@ def plan(raw: Path, site: Path, wheel_folder: Path, dry_run: bool = False) -> li
         Step("quant", "the fp8 and int8 GEMMs against cuBLAS bf16 at the model's Linears, 1024² (when time is left)",
              (python, "-m", "benchmarks.quant_kernels", "--json", str(raw / "quant.json")), 40, raw / "quant.json",
              parse_quant, optional=True),
+        Step("quant-e2e", "torch-fast in bf16 against the same with fp8 weights and activations in one run, 1024², "
+                          "batch 1 (when time is left)",
+             (*bench, *("bf16" if word == "fp16" else word for word in E2E), "--batch", "1", "--backend",
+              "torch-fast", "--quantize", "none", "fp8", "--json", str(raw / "quant-e2e.json")), 90,
+             raw / "quant-e2e.json", parse_bench, optional=True),
         Step("load", "the step scheduler under load on torch-fast at 1024²: images/s at saturation, p99 at 80 % "
                      "of it, against one request at a time (when time is left)",
              (*bench, *E2E[:6], "--sizes", "1024", "--backend", "torch-fast", "--load", "--concurrency", "1", "2",

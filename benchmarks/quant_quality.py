@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.pipeline import WuerstchenPipeline
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    model_flags(parser, default_preset="tiny", bundles=False, backends="none", default_dtype="bf16", quantize=False)
+    model_flags(parser, default_preset="tiny", bundles=False, backends="none", default_dtype="bf16", quantize="none")
     parser.add_argument("--schemes", nargs="+", default=["fp8", "int8"], help="schemes to measure (default fp8 int8)")
     parser.add_argument("--size", type=int, default=256, help="image side (default 256)")
     parser.add_argument("--prompts", type=int, default=4, help=f"prompts, at most {len(PROMPTS)} (default 4)")

@@ -126,6 +126,7 @@ TABLE_COLUMNS: tuple[tuple[str, Callable[[dict], float | None]], ...] = (
     ("TFLOP/s", lambda record: record["results"]["tflops"]),
     ("% peak", lambda record: 100 * record["results"]["fraction_of_matmul_peak"]),
     ("peak GB", lambda record: record["results"]["peak_memory_gb"]),
+    ("weights GB", lambda record: record["results"].get("weights_gb")),  # the prior's and decoder's
     ("cold s", lambda record: record["results"].get("cold_start_s")),
 )
 NUMBER_WIDTH = 11  # "decoder ms" and "-1.23e-05" with room on their left

@@ -123,6 +123,27 @@ def performance_table(run: dict) -> list[str]:
     return lines
 
 
+def quantized_table(records: list[dict]) -> list[str]:
+    """Each quantized target against the unquantized one of its backend, measured in the same run, by the
+    targets set for quantization: end to end ≥ 1.25× faster, weights ≤ 55 % of the unquantized."""
+    by_target = {record["workload"]["target"]: record for record in records}
+    rows = []
+    for target, record in by_target.items():
+        workload, found = record["workload"], record["results"]
+        plain = by_target.get(workload["backend"]) if workload.get("quantization") else None
+        speedup = weights = "–"
+        if plain is not None:
+            speedup = f"{_latency_s(plain) / _latency_s(record):.2f}× (≥ 1.25)"
+            if found.get("weights_gb") and plain["results"].get("weights_gb"):
+                weights = f"{found['weights_gb'] / plain['results']['weights_gb']:.0%} (≤ 55 %)"
+        rows.append([target, workload["quantization"] or "none", f"{workload['height']}×{workload['width']}, "
+                     f"{workload['dtype']}, batch {workload['batch']}", _number(_latency_s(record), 3),
+                     _number(_stage_ms(record, "prior_step"), 2), _number(_stage_ms(record, "decoder_step"), 2),
+                     _number(found.get("weights_gb"), 2), speedup, weights])
+    return _table(["target", "quantization", "workload", "end to end s", "prior step ms", "decoder step ms",
+                   "prior + decoder weights GB", "speedup vs unquantized", "weights vs unquantized"], rows)
+
+
 def provenance_line(run: dict) -> str:
     origin = run["provenance"]
     versions = origin.get("versions") or {}
@@ -271,6 +292,10 @@ def summary_markdown(run: dict) -> str:
                  *(f"{row['ms'][key] * 1e3:.1f} ({row['ms']['bf16'] / row['ms'][key]:.2f}×)" if key in row["ms"]
                    else "–" for key in ("cublas_fp8", "triton_fp8", "int8")),
                  f"{row['ms']['quantize'] * 1e3:.1f}" if "quantize" in row["ms"] else "–"] for row in quant])
+
+    quantized = step_results(run, "quant-e2e").get("records")
+    if quantized:
+        lines += ["", "## Quantized end to end", "", *quantized_table(quantized)]
 
     for found in run["steps"]:
         if found["status"] in ("failed", "timed out") and found.get("tail"):

@@ -14,6 +14,7 @@ import torch
 from benchmarks import attention, bench, fusions, kernel_profile, report
 from engine import preset
 from engine.cli import main
+from engine.quantization import QuantRecipe
 
 TINY = ["--preset", "tiny", "--sizes", "128", "--warmup", "1", "--runs", "2", "--prior-steps", "3",
         "--decoder-steps", "2"]
@@ -292,9 +293,11 @@ def test_the_load_benchmark_measures_the_scheduler_against_one_request_at_a_time
 
 @pytest.mark.parametrize("args, message", [
     (["--mix", "/no/such.json"], "--mix='/no/such.json' is not a readable JSON file"),
-    (["--backend", "torch", "torch-fast"], "--load measures one backend and no baseline"),
+    (["--backend", "torch", "torch-fast"], "--load measures one backend, one --quantize and no baseline"),
+    (["--dtype", "bf16", "--quantize", "none", "int8"], "--load measures one backend, one --quantize and no baseline"),
     (["--requests", "0"], "--requests 0: expected a positive number"),
 ])
+@pytest.mark.filterwarnings("ignore::engine.runtime.SlowPrecisionWarning")
 def test_bad_load_arguments_are_one_line(capsys, args, message):
     assert main(["bench", "--preset", "tiny", "--device", "cpu", "--load", *args]) == 2
     err = capsys.readouterr().err
@@ -410,20 +413,55 @@ def test_the_kernel_benchmarks_say_in_one_line_that_they_need_a_gpu(script):
 
 
 def test_a_quantized_bench_measures_the_quantized_engine_beside_diffusers(tmp_path, monkeypatch):
-    """--quantize reaches the engine built on diffusers' weights and the cold-start child, and each record
-    says what ran: the engine's recipe, diffusers unquantized."""
+    """--quantize none int8 measures the unquantized and the quantized engine on diffusers' weights in one run,
+    and each record, and each cold-start child, says what ran: the recipe, diffusers unquantized."""
     from engine.models import quantized
 
     monkeypatch.setattr(quantized, "interpreted", lambda: False)  # the kernels' references, not the interpreter
     specs = []
-    monkeypatch.setattr(bench, "cold_start_seconds", lambda options, target, *rest: specs.append(
-        (target, options.runtimes[0].quantization)) or 1.0)
-    argv = ["bench", *TINY, "--quantize", "int8", "--baseline", "diffusers", "--json", str(tmp_path / "o.json")]
+
+    popen = bench.subprocess.Popen
+
+    class Child:  # the cold-start process: its spec kept, its first image at once
+        def __init__(self, argv, **_):
+            specs.append(json.loads(argv[-1]))
+            self.stdout = iter(["first image\n"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda argv, **kw: (Child if "benchmarks.cold_start" in argv
+                                                                       else popen)(argv, **kw))
+    argv = ["bench", *TINY, "--dtype", "bf16", "--quantize", "none", "int8", "--baseline", "diffusers", "--json",
+            str(tmp_path / "o.json")]
     assert main(argv) == 0
-    records = {r["workload"]["target"]: r["workload"] for r in json.loads((tmp_path / "o.json").read_text())["records"]}
-    assert records["torch"]["quantization"].startswith("int8 (prior ") and records["torch"]["dtype"] == "bf16"
-    assert records["diffusers"]["quantization"] is None and records["diffusers"]["dtype"] == "bf16"
-    assert [target for target, _ in specs] == ["torch", "diffusers"] and specs[0][1].value == "int8"
+    records = {r["workload"]["target"]: r for r in json.loads((tmp_path / "o.json").read_text())["records"]}
+    assert list(records) == ["torch", "torch int8", "diffusers"]
+    workloads = {target: record["workload"] for target, record in records.items()}
+    assert workloads["torch int8"]["quantization"].startswith("int8 (prior ")
+    assert workloads["torch int8"]["backend"] == "torch" and workloads["torch int8"]["dtype"] == "bf16"
+    assert workloads["torch"]["quantization"] is None and workloads["diffusers"]["quantization"] is None
+    weights = {target: record["results"]["weights_gb"] for target, record in records.items()}
+    assert weights["torch"] == pytest.approx(weights["diffusers"]) and weights["torch int8"] < weights["torch"]
+    assert records["torch int8"]["results"]["speedup_vs"].keys() == {"torch", "diffusers"}
+    assert [(spec["target"], spec["quantize"]) for spec in specs] == [("torch", None), ("torch", "int8"),
+                                                                      ("diffusers", None)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int8", "RECIPE"], "--quantize int8 RECIPE: expected each scheme once"),
+    (["--quantize", "none", "int8"], "--backend (default) --quantize none int8: these run on different devices or "
+                                     "precisions (torch cpu fp32, torch int8 cpu bf16); pass --dtype"),
+    (["--quantize", "fp4"], "--quantize 'fp4' is not supported: expected none, fp8"),
+])
+def test_bad_quantize_arguments_are_one_line(tmp_path, capsys, args, message):
+    recipe = tmp_path / "int8.json"
+    recipe.write_text(json.dumps(QuantRecipe.every("int8").to_dict()))
+    args = [str(recipe) if arg == "RECIPE" else arg for arg in args]
+    assert main(["bench", *TINY, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("wuerstchen bench: error: ")
+    assert message.replace("RECIPE", str(recipe)) in err
 
 
 def test_the_cold_start_child_builds_the_quantized_engine(monkeypatch, capsys):

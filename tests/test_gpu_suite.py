@@ -37,7 +37,7 @@ def gpu_plan(tmp_path: Path) -> list[Step]:
 def test_the_plan_runs_the_issue_commands_in_order_within_eight_minutes(tmp_path):
     steps = gpu_plan(tmp_path)
     assert [step.name for step in steps] == ["install", "tests", "fusions", "e2e", "attention", "kernels", "quant",
-                                             "load", "e2e-compile"]
+                                             "quant-e2e", "load", "e2e-compile"]
     commands = {step.name: " ".join(step.command) for step in steps}
     assert "-m pytest" in commands["tests"]
     assert "tests/test_fast.py tests/test_fused.py tests/test_quant_kernels.py" in commands["tests"]
@@ -51,12 +51,15 @@ def test_the_plan_runs_the_issue_commands_in_order_within_eight_minutes(tmp_path
     assert "--sizes 1024 --backend torch-fast --load --concurrency 1 2 4 8" in commands["load"]
     assert all(step.output is not None and step.parse is not None for step in steps)
     assert "-m benchmarks.quant_kernels --json" in commands["quant"]
-    assert [step.name for step in steps if step.optional] == ["quant", "load", "e2e-compile"]
+    for flags in ("bench --preset wuerstchen-v2 --device cuda --dtype bf16 --sizes 1024", "--batch 1",
+                  "--backend torch-fast --quantize none fp8 --json"):
+        assert flags in commands["quant-e2e"]
+    assert [step.name for step in steps if step.optional] == ["quant", "quant-e2e", "load", "e2e-compile"]
 
     limits = time_limits(steps, gpu_suite.DEFAULT_BUDGET_S)
     assert limits == {"install": 20, "tests": 120, "fusions": 80, "e2e": 170, "attention": 25, "kernels": 65,
-                      "quant": 40, "load": 150, "e2e-compile": 240}
-    assert sum(limit for name, limit in limits.items() if name not in ("quant", "load", "e2e-compile")) == 480
+                      "quant": 40, "quant-e2e": 90, "load": 150, "e2e-compile": 240}
+    assert sum(limit for step, (name, limit) in zip(steps, limits.items(), strict=True) if not step.optional) == 480
     halved = time_limits(steps, 240)
     assert halved["e2e"] == 85 and halved["tests"] == 60 and halved["e2e-compile"] == 240
 
@@ -71,7 +74,7 @@ def test_only_picks_steps_in_order_after_the_install(tmp_path):
     limits = time_limits(named, 260)
     assert limits == {"install": 20, "e2e-compile": 240}
     with pytest.raises(WuerstchenError, match=r"^--only nope: expected any of install, tests, fusions, e2e, "
-                                              r"attention, kernels, quant, load, e2e-compile$"):
+                                              r"attention, kernels, quant, quant-e2e, load, e2e-compile$"):
         select(steps, ["tests,nope"])
     with pytest.raises(WuerstchenError, match=r"^--budget -5: expected a positive number of seconds$"):
         time_limits(steps, -5)
@@ -434,6 +437,25 @@ def test_the_summary_has_the_fusion_verdicts_attention_rows_and_kernel_split(tmp
     assert summary[end + 2:end + 6] == ["```", "Traceback …", "KeyboardInterrupt", "```"]
 
 
+def test_the_summary_compares_each_quantized_target_with_the_unquantized_one():
+    def record(target: str, quantization: str | None, latency: float, weights_gb: float) -> dict:
+        found = bench_record(target, 1, latency, {"prior_step": latency * 10, "decoder_step": latency * 20})
+        found["workload"] |= {"backend": "torch-fast", "quantization": quantization, "dtype": "bf16"}
+        found["results"]["weights_gb"] = weights_gb
+        return found
+
+    run = {"started": "2026-12-01T10:00:00+00:00", "budget_s": 480.0, "provenance": H100, "steps": [
+        {"name": "quant-e2e", "status": "passed", "results": {"records": [
+            record("torch-fast", None, 0.5, 4.0), record("torch-fast fp8", "fp8 (prior 40, decoder 60 Linears, from "
+                                                                           "a scan)", 0.4, 2.2)]}}]}
+    summary = results.summary_markdown(run).splitlines()
+    start = summary.index("## Quantized end to end")
+    assert summary[start + 4:start + 6] == [
+        "| torch-fast | none | 1024×1024, bf16, batch 1 | 0.500 | 5.00 | 10.00 | 4.00 | – | – |",
+        "| torch-fast fp8 | fp8 (prior 40, decoder 60 Linears, from a scan) | 1024×1024, bf16, batch 1 | 0.400 | 4.00 "
+        "| 8.00 | 2.20 | 1.25× (≥ 1.25) | 55% (≤ 55 %) |"]
+
+
 def test_without_diffusers_compile_the_target_is_the_h200_figure():
     run = {"steps": [{"name": "e2e", "status": "passed", "results": {"records": RECORDS}}]}
     row = results.performance_table(run)[5]
@@ -450,12 +472,13 @@ def test_the_readmes_table_is_the_generated_one():
 # 6. The dry run, end to end
 
 
-def test_the_dry_run_installs_runs_every_step_and_writes_outside_the_repository(tmp_path, capsys):
+def test_the_dry_run_installs_runs_every_step_and_writes_outside_the_repository(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")  # as on a CPU outside the tests: int8 runs its reference, not the kernel
     before = sorted(path.name for path in results.RESULTS.iterdir())
     assert gpu_suite.main(["--dry-run", "--out", str(tmp_path)]) == 0
     output = capsys.readouterr().out
     assert sorted(path.name for path in results.RESULTS.iterdir()) == before
-    assert "the plan on an H100/H200 (budget 480 s): 9 steps, 480 s planned" in output
+    assert "the plan on an H100/H200 (budget 480 s): 10 steps, 480 s planned" in output
     assert "  e2e-compile   ≥240 s if left  python -m engine.cli bench --preset wuerstchen-v2 --device cuda" in output
     [path] = tmp_path.glob("*-dry-run.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".md").name,
@@ -471,6 +494,9 @@ def test_the_dry_run_installs_runs_every_step_and_writes_outside_the_repository(
     records = steps["e2e"]["results"]["records"]
     assert [(r["workload"]["target"], r["workload"]["batch"]) for r in records] == [("torch", 1), ("diffusers", 1)]
     assert all(r["results"]["latency_s"]["median"] > 0 for r in records)
+    quantized = steps["quant-e2e"]["results"]["records"]
+    assert [(r["workload"]["target"], r["workload"]["quantization"] is None) for r in quantized] == [
+        ("torch", True), ("torch int8", False)]
     load = steps["load"]["results"]["measurements"]
     assert [row["measurement"] for row in load][:3] == ["sequential", "concurrency 1", "concurrency 2"]
     summary = path.with_suffix(".md").read_text()
