@@ -51,6 +51,54 @@ def test_the_health_check_raises_when_the_scheduler_stopped():
         check_health(replica)
 
 
+def test_a_replica_republishes_its_metrics_through_rays(monkeypatch):
+    """Gauges are set; counters and histograms advance by what they gained since the last publish, so that
+    Ray's counters hold the same totals as the replica's /metrics."""
+    from engine.serving import ray_serve
+    from engine.serving.telemetry import Metrics
+
+    published = []
+
+    class Metric:
+        def __init__(self, name, description="", tag_keys=None):
+            self.name, self.tag_keys = name, tag_keys
+
+        def set(self, value, tags=None):
+            assert all(value.isascii() for value in (tags or {}).values())  # Ray takes nothing else
+            published.append(("set", self.name, tags, value))
+
+        def inc(self, value=1.0, tags=None):
+            assert value > 0 and set(tags or {}) == set(self.tag_keys or ())
+            published.append(("inc", self.name, tags, value))
+
+    monkeypatch.setattr(ray_serve, "ray_metrics", SimpleNamespace(Counter=Metric, Gauge=Metric))
+    pipe = WuerstchenPipeline.from_preset("tiny", device="cpu")
+    pipe("a lighthouse", height=128, width=128, prior_num_inference_steps=1, num_inference_steps=1)
+    metrics = Metrics(pipe.stats, lambda: True)
+    exported = ray_serve.RayMetrics(metrics.registry)
+    metrics.responses.labels("/v1/images/generations", "200").inc()
+    metrics.latency.labels("/v1/images/generations").observe(0.3)
+    exported.publish()
+    assert ("set", "wuerstchen_queued_requests", None, 0.0) in published
+    assert ("set", "wuerstchen_ready", None, 1.0) in published
+    assert ("inc", "wuerstchen_http_responses", {"endpoint": "/v1/images/generations", "code": "200"}, 1.0) \
+        in published
+    buckets = {tags["le"]: value for kind, name, tags, value in published
+               if name == "wuerstchen_request_latency_seconds_bucket"}
+    assert buckets == {le: 1.0 for le in ("0.5", "1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0",
+                                           "256.0", "+Inf")}  # cumulative: 0.3 s lies in every bucket from 0.5 up
+    assert not any(name.endswith("_created") for _, name, _, _ in published)
+    assert {tags["group"] for kind, name, tags, _ in published if name == "wuerstchen_step_seconds"} >= {
+        "prior 3x3, guided", "decoder 32x32"}
+
+    published.clear()
+    metrics.responses.labels("/v1/images/generations", "200").inc(2)
+    exported.publish()
+    assert [(kind, value) for kind, name, _, value in published if name == "wuerstchen_http_responses"] == [
+        ("inc", 2.0)]
+    assert not any(name == "wuerstchen_request_latency_seconds_count" for _, name, _, _ in published)  # no gain
+
+
 def test_the_config_file_is_a_valid_deployment_of_build_app():
     yaml = pytest.importorskip("yaml")
     from ray.serve.schema import ServeDeploySchema

@@ -341,6 +341,7 @@ def create_app(service: Service) -> FastAPI:
         yield
 
     app = FastAPI(title="Würstchen", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.metrics = metrics  # for a host that republishes them (Ray Serve's replicas)
     app.add_middleware(RequestContext, options=options, metrics=metrics)
     app.add_exception_handler(ApiError, lambda request, error: error_response(error))
     app.add_exception_handler(HTTPException, _routing_error)

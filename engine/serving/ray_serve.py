@@ -9,6 +9,9 @@ HTTP API (`engine.serving.app`), with Ray's proxy in front.
   while holding requests: Ray then replaces the replica. A replica whose process dies fails the requests it
   held with 5xx at once, and is replaced the same way.
 - A replica is ready when its constructor returns, after the warm-up request (graphs captured on torch-fast).
+- Through Ray's proxy, `/metrics` reaches one replica per scrape; each replica therefore also republishes its
+  metrics through Ray's (`RayMetrics`, at each health check), which every node's metrics agent exports with
+  the replica's tags for a Prometheus that scrapes Ray.
 
 `wuerstchen serve --ray` deploys it from the command line; `engine/serving/ray_serve.yaml` deploys it with
 `serve deploy`, through `build_app`.
@@ -26,6 +29,7 @@ from typing import NoReturn
 
 import ray
 from ray import serve
+from ray.serve import metrics as ray_metrics
 from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
 from engine.errors import WuerstchenError
@@ -73,13 +77,63 @@ class Wuerstchen:
         self.service.warm_up()  # Ray routes requests to a replica only once its constructor has returned
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service)
+        app = create_app(self.service)
+        self.metrics = RayMetrics(app.state.metrics.registry)
+        return app
 
     def check_health(self) -> None:
+        """Called by Ray every `health_check_period_s`: publish the metrics, then raise if the service cannot serve."""
+        if getattr(self, "metrics", None) is not None:
+            try:
+                self.metrics.publish()
+            except Exception as error:  # metrics that cannot be published are no reason to replace the replica
+                log_event("metrics not published", logging.WARNING, error=f"{type(error).__name__}: {error}")
         problem = self.service.problem()
         if problem is not None:
             log_event("unhealthy", logging.ERROR, reason=problem)
             raise RuntimeError(problem)
+
+
+class RayMetrics:
+    """A replica's Prometheus registry republished through Ray Serve's metrics, which Ray exports from each
+    node with the application's, deployment's and replica's tags. Gauges are set to their value; a counter's
+    or a histogram's cumulative samples (each bucket, the sum, the count) advance by what they gained since
+    the last `publish`, as Ray counters (exported with `_total` appended: a histogram's quantiles come from
+    its `..._bucket_total` series by `le`)."""
+
+    def __init__(self, registry):
+        self.registry = registry
+        self._metrics: dict[str, object] = {}  # sample name → Ray metric
+        self._published: dict[tuple, float] = {}  # (sample name, labels) → cumulative value published
+
+    def publish(self) -> None:
+        for family in self.registry.collect():
+            cumulative = family.type != "gauge"
+            for sample in family.samples:
+                if sample.name.endswith("_created"):  # a counter's creation time: nothing to add up
+                    continue
+                name = sample.name.removesuffix("_total") if family.type == "counter" else sample.name
+                metric = self._metric(name, family.documentation, tuple(sorted(sample.labels)), cumulative)
+                tags = {key: _ascii(value) for key, value in sample.labels.items()} or None
+                if not cumulative:
+                    metric.set(sample.value, tags=tags)
+                    continue
+                key = (name, tuple(sorted(sample.labels.items())))
+                gained = sample.value - self._published.get(key, 0.0)
+                if gained > 0:
+                    metric.inc(gained, tags=tags)
+                    self._published[key] = sample.value
+
+    def _metric(self, name: str, description: str, tag_keys: tuple[str, ...], cumulative: bool):
+        if name not in self._metrics:
+            kind = ray_metrics.Counter if cumulative else ray_metrics.Gauge
+            self._metrics[name] = kind(name, description=description, tag_keys=tag_keys or None)
+        return self._metrics[name]
+
+
+def _ascii(text: str) -> str:
+    """A tag value as Ray takes it, in ASCII: "decoder 32×32" becomes "decoder 32x32"."""
+    return text.replace("×", "x").encode("ascii", "replace").decode("ascii")
 
 
 def application(flags: dict, server: ServerOptions, scheduler: SchedulerOptions, *, replicas: int = 1,
