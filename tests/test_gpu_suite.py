@@ -52,7 +52,7 @@ def test_the_plan_runs_the_issue_commands_in_order_within_eight_minutes(tmp_path
     assert all(step.output is not None and step.parse is not None for step in steps)
     assert "-m benchmarks.quant_kernels --json" in commands["quant"]
     for flags in ("bench --preset wuerstchen-v2 --device cuda --dtype bf16 --sizes 1024", "--batch 1",
-                  "--backend torch-fast --quantize none fp8 --json"):
+                  "--backend torch-fast --quantize none fp8 --baseline diffusers --json"):
         assert flags in commands["quant-e2e"]
     assert [step.name for step in steps if step.optional] == ["quant", "quant-e2e", "load", "e2e-compile"]
 
