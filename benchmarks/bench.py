@@ -239,7 +239,6 @@ def run(options: Options, progress=print, targets: dict | None = None) -> list[d
     config = next(iter(targets.values()))[0].config
     peak = matmul_peak_tflops(options.device, options.precision.torch_dtype)
     origin = provenance(options.device)
-    runtimes = {target_name(runtime): runtime for runtime in options.runtimes}
     records = []
     for height, width in options.sizes:
         for batch in options.batches:
@@ -262,9 +261,9 @@ def run(options: Options, progress=print, targets: dict | None = None) -> list[d
             for target, summary in measured.items():
                 summary["speedup_vs"] = {other: result["latency_s"]["median"] / summary["latency_s"]["median"]
                                          for other, result in measured.items() if other != target}
-                runtime = runtimes.get(target, options.runtimes[0])
-                engine_runtime = getattr(targets[target][0], "runtime", None)  # None for diffusers
-                quantization = engine_runtime.quantization if engine_runtime is not None else None
+                # what the engine runs (given targets too); diffusers: the run's source, device and precision
+                runtime = getattr(targets[target][0], "runtime", None) or options.runtimes[0]
+                quantization = None if target in BASELINES else runtime.quantization
                 recipe = asdict(options.recipe) | {"prior_evaluations": options.recipe.prior_evaluations}
                 records.append({
                     "provenance": origin,
@@ -293,7 +292,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def options_from_args(args) -> Options:
     """Check the command line, one field at a time, and turn it into `Options`: the source, device and
-    precision resolved for each backend as every command resolves them (`engine.cli.resolve_flags`)."""
+    precision resolved for each backend and --quantize scheme as every command resolves them
+    (`engine.cli.resolve_flags`)."""
     from engine.cli import resolve_flags
 
     for name in ("runs", "decoder_steps"):
@@ -318,9 +318,10 @@ def options_from_args(args) -> Options:
                               "one scheme are two runs)")
     if len({(runtime.device, runtime.precision) for runtime in runtimes}) > 1:
         found = ", ".join(f"{name} {r.device} {r.precision.value}" for name, r in zip(names, runtimes, strict=True))
-        raise WuerstchenError(f"--backend {' '.join(args.backend or ['(default)'])} --quantize "
-                              f"{' '.join(args.quantize)}: these run on different devices or precisions ({found}); "
-                              "pass --dtype, or bench them in separate runs")
+        flags = ([f"--backend {' '.join(args.backend)}"] if args.backend else []) + (
+            [f"--quantize {' '.join(args.quantize)}"] if args.quantize != ["none"] else [])
+        raise WuerstchenError(f"{' '.join(flags)}: these run on different devices or precisions ({found}); pass "
+                              "--dtype, or bench them in separate runs")
     config = runtimes[0].source.read_config()
     sizes = tuple(_size(text) for text in args.sizes)
     for text, (height, width) in zip(args.sizes, sizes, strict=True):

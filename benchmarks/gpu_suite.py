@@ -238,7 +238,7 @@ def plan(raw: Path, site: Path, wheel_folder: Path, dry_run: bool = False) -> li
             Step("quant-e2e", "the tiny preset on the CPU, unquantized and int8 in one run",
                  (*bench, "--preset", "tiny", "--device", "cpu", "--dtype", "bf16", "--sizes", "128", "--backend",
                   "torch", "--quantize", "none", "int8", "--prior-steps", "2", "--decoder-steps", "2", "--runs", "1",
-                  "--warmup", "1", "--no-cold-start", "--json", str(raw / "quant-e2e.json")), 90,
+                  "--warmup", "1", "--no-cold-start", "--json", str(raw / "quant-e2e.json")), 120,
                  raw / "quant-e2e.json", parse_bench, optional=True),
             Step("load", "the scheduler under load, the tiny preset on the CPU",
                  (*bench, "--preset", "tiny", "--device", "cpu", "--load", "--sizes", "128", "--prior-steps", "2",
@@ -272,7 +272,7 @@ def plan(raw: Path, site: Path, wheel_folder: Path, dry_run: bool = False) -> li
                           "one run, 1024², batch 1 (when time is left)",
              (*bench, *("bf16" if word == "fp16" else word for word in E2E), "--batch", "1", "--backend",
               "torch-fast", "--quantize", "none", "fp8", "--baseline", "diffusers", "--json",
-              str(raw / "quant-e2e.json")), 90, raw / "quant-e2e.json", parse_bench, optional=True),
+              str(raw / "quant-e2e.json")), 120, raw / "quant-e2e.json", parse_bench, optional=True),
         Step("load", "the step scheduler under load on torch-fast at 1024²: images/s at saturation, p99 at 80 % "
                      "of it, against one request at a time (when time is left)",
              (*bench, *E2E[:6], "--sizes", "1024", "--backend", "torch-fast", "--load", "--concurrency", "1", "2",

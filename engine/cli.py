@@ -95,8 +95,8 @@ def model_flags(parser: argparse.ArgumentParser, *, default_preset: str, bundles
                             help="hold the prior's and decoder's block Linears in 8 bits (torch backends): fp8 (sm_89+ "
                                  "GPUs) or int8, the layers picked by a sensitivity scan on load, or a recipe file "
                                  "(.json) naming them; runs in fp16 on a GPU, bf16 on the CPU (default none)"
-                                 + ("; several to compare, none among them for the unquantized model"
-                                    if quantize == "many" else ""))
+                                 + ("; several to compare, none among them for the unquantized model (then pass "
+                                    "--dtype: unquantized runs in fp32 on the CPU)" if quantize == "many" else ""))
     parser.set_defaults(default_preset=default_preset)
 
 

@@ -450,8 +450,9 @@ def test_a_quantized_bench_measures_the_quantized_engine_beside_diffusers(tmp_pa
 
 @pytest.mark.parametrize("args, message", [
     (["--quantize", "int8", "RECIPE"], "--quantize int8 RECIPE: expected each scheme once"),
-    (["--quantize", "none", "int8"], "--backend (default) --quantize none int8: these run on different devices or "
-                                     "precisions (torch cpu fp32, torch int8 cpu bf16); pass --dtype"),
+    (["--device", "cpu", "--quantize", "none", "int8"],
+     "--quantize none int8: these run on different devices or precisions (torch cpu fp32, torch int8 cpu bf16); "
+     "pass --dtype"),
     (["--quantize", "fp4"], "--quantize 'fp4' is not supported: expected none, fp8"),
 ])
 def test_bad_quantize_arguments_are_one_line(tmp_path, capsys, args, message):

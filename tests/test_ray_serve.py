@@ -51,52 +51,97 @@ def test_the_health_check_raises_when_the_scheduler_stopped():
         check_health(replica)
 
 
-def test_a_replica_republishes_its_metrics_through_rays(monkeypatch):
-    """Gauges are set; counters and histograms advance by what they gained since the last publish, so that
-    Ray's counters hold the same totals as the replica's /metrics."""
+class RayMetric:
+    """A stand-in for `ray.serve.metrics`' Counter and Gauge: what it is given lands in `published`, checked
+    as Ray checks it (declared tag keys, ASCII values, a positive increment)."""
+
+    published: list[tuple] = []
+    refuse: set[str] = set()  # names whose records raise
+
+    def __init__(self, name, description="", tag_keys=None):
+        self.name, self.tag_keys = name, tag_keys
+
+    def _record(self, kind, value, tags):
+        assert set(tags or {}) == set(self.tag_keys or ()) and all(v.isascii() for v in (tags or {}).values())
+        if self.name in self.refuse:
+            raise ValueError(f"{self.name}: refused")
+        self.published.append((kind, self.name, tags, value))
+
+    def set(self, value, tags=None):
+        self._record("set", value, tags)
+
+    def inc(self, value=1.0, tags=None):
+        assert value > 0
+        self._record("inc", value, tags)
+
+
+@pytest.fixture
+def ray_metrics(monkeypatch):
     from engine.serving import ray_serve
+
+    monkeypatch.setattr(ray_serve, "ray_metrics", SimpleNamespace(Counter=RayMetric, Gauge=RayMetric))
+    monkeypatch.setattr(RayMetric, "published", [])
+    monkeypatch.setattr(RayMetric, "refuse", set())
+    return RayMetric
+
+
+def test_a_replica_republishes_its_metrics_through_rays(ray_metrics):
+    """Gauges are set; counters advance by what they gained since the last publish; a histogram's buckets are
+    gauges of their cumulative counts, the empty ones too, so that Ray holds what the replica's /metrics holds."""
+    from engine.serving.ray_serve import RayMetrics
     from engine.serving.telemetry import Metrics
 
-    published = []
-
-    class Metric:
-        def __init__(self, name, description="", tag_keys=None):
-            self.name, self.tag_keys = name, tag_keys
-
-        def set(self, value, tags=None):
-            assert all(value.isascii() for value in (tags or {}).values())  # Ray takes nothing else
-            published.append(("set", self.name, tags, value))
-
-        def inc(self, value=1.0, tags=None):
-            assert value > 0 and set(tags or {}) == set(self.tag_keys or ())
-            published.append(("inc", self.name, tags, value))
-
-    monkeypatch.setattr(ray_serve, "ray_metrics", SimpleNamespace(Counter=Metric, Gauge=Metric))
     pipe = WuerstchenPipeline.from_preset("tiny", device="cpu")
     pipe("a lighthouse", height=128, width=128, prior_num_inference_steps=1, num_inference_steps=1)
     metrics = Metrics(pipe.stats, lambda: True)
-    exported = ray_serve.RayMetrics(metrics.registry)
+    exported = RayMetrics(metrics.registry)
     metrics.responses.labels("/v1/images/generations", "200").inc()
     metrics.latency.labels("/v1/images/generations").observe(0.3)
     exported.publish()
+    published = ray_metrics.published
     assert ("set", "wuerstchen_queued_requests", None, 0.0) in published
     assert ("set", "wuerstchen_ready", None, 1.0) in published
     assert ("inc", "wuerstchen_http_responses", {"endpoint": "/v1/images/generations", "code": "200"}, 1.0) \
         in published
     buckets = {tags["le"]: value for kind, name, tags, value in published
                if name == "wuerstchen_request_latency_seconds_bucket"}
-    assert buckets == {le: 1.0 for le in ("0.5", "1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0", "128.0",
-                                           "256.0", "+Inf")}  # cumulative: 0.3 s lies in every bucket from 0.5 up
+    assert buckets == {"0.1": 0.0, "0.25": 0.0} | {le: 1.0 for le in ("0.5", "1.0", "2.0", "4.0", "8.0", "16.0",
+                                                                       "32.0", "64.0", "128.0", "256.0", "+Inf")}
     assert not any(name.endswith("_created") for _, name, _, _ in published)
     assert {tags["group"] for kind, name, tags, _ in published if name == "wuerstchen_step_seconds"} >= {
-        "prior 3x3, guided", "decoder 32x32"}
+        "prior 3x3, guided", "decoder 32x32"}  # Ray takes ASCII only
 
     published.clear()
     metrics.responses.labels("/v1/images/generations", "200").inc(2)
     exported.publish()
     assert [(kind, value) for kind, name, _, value in published if name == "wuerstchen_http_responses"] == [
         ("inc", 2.0)]
-    assert not any(name == "wuerstchen_request_latency_seconds_count" for _, name, _, _ in published)  # no gain
+
+
+def test_a_counter_that_restarts_counts_again_and_a_refused_metric_leaves_the_others(ray_metrics, caplog):
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from engine.serving.ray_serve import RayMetrics
+
+    class Collector:
+        value = 5.0
+
+        def collect(self):
+            yield GaugeMetricFamily("wuerstchen_refused_gauge", "refused by Ray", value=1.0)
+            yield CounterMetricFamily("wuerstchen_things", "things counted", value=self.value)
+
+    collector, registry = Collector(), CollectorRegistry()
+    registry.register(collector)
+    exported = RayMetrics(registry)
+    ray_metrics.refuse.add("wuerstchen_refused_gauge")
+    for value in (5.0, 7.0, 3.0):  # 3 after 7: the counter restarted, and counted 3 since
+        collector.value = value
+        exported.publish()
+    assert [(kind, value) for kind, name, _, value in ray_metrics.published] == [("inc", 5.0), ("inc", 2.0),
+                                                                                  ("inc", 3.0)]
+    refusals = [r for r in caplog.records if r.getMessage() == "metric not published"]
+    assert len(refusals) == 1 and refusals[0].fields["metric"] == "wuerstchen_refused_gauge"
 
 
 def test_the_config_file_is_a_valid_deployment_of_build_app():

@@ -145,6 +145,7 @@ def swap(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and persistent buffers: its weights in memory."""
+    """Bytes of the model's parameters and buffers (the copies a fast path stacks included): its weights in
+    memory."""
     tensors = [*model.parameters(), *(buffer for buffer in model.buffers() if buffer is not None)]
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)

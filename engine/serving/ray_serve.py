@@ -84,10 +84,7 @@ class Wuerstchen:
     def check_health(self) -> None:
         """Called by Ray every `health_check_period_s`: publish the metrics, then raise if the service cannot serve."""
         if getattr(self, "metrics", None) is not None:
-            try:
-                self.metrics.publish()
-            except Exception as error:  # metrics that cannot be published are no reason to replace the replica
-                log_event("metrics not published", logging.WARNING, error=f"{type(error).__name__}: {error}")
+            self.metrics.publish()  # logs what it cannot publish: no reason to replace the replica
         problem = self.service.problem()
         if problem is not None:
             log_event("unhealthy", logging.ERROR, reason=problem)
@@ -96,39 +93,57 @@ class Wuerstchen:
 
 class RayMetrics:
     """A replica's Prometheus registry republished through Ray Serve's metrics, which Ray exports from each
-    node with the application's, deployment's and replica's tags. Gauges are set to their value; a counter's
-    or a histogram's cumulative samples (each bucket, the sum, the count) advance by what they gained since
-    the last `publish`, as Ray counters (exported with `_total` appended: a histogram's quantiles come from
-    its `..._bucket_total` series by `le`)."""
+    node with the application's, deployment's and replica's tags. A counter becomes a Ray counter (exported
+    with `_total` appended) that advances by what it gained since the last `publish` (all of its value after
+    a reset); a gauge stays a gauge; a histogram's cumulative series (each bucket by `le`, the sum, the count)
+    become gauges holding their value, so that every bucket exists from the start, as `histogram_quantile`
+    needs, and `rate()` reads them as the counters they are. A family that fails to publish is logged once
+    and skipped; the others are published."""
 
     def __init__(self, registry):
         self.registry = registry
         self._metrics: dict[str, object] = {}  # sample name → Ray metric
-        self._published: dict[tuple, float] = {}  # (sample name, labels) → cumulative value published
+        self._published: dict[tuple, float] = {}  # (counter, labels) → its value at the last publish
+        self._failed: set[str] = set()  # families whose failure was logged
 
     def publish(self) -> None:
-        for family in self.registry.collect():
-            cumulative = family.type != "gauge"
-            for sample in family.samples:
-                if sample.name.endswith("_created"):  # a counter's creation time: nothing to add up
-                    continue
-                name = sample.name.removesuffix("_total") if family.type == "counter" else sample.name
-                metric = self._metric(name, family.documentation, tuple(sorted(sample.labels)), cumulative)
-                tags = {key: _ascii(value) for key, value in sample.labels.items()} or None
-                if not cumulative:
-                    metric.set(sample.value, tags=tags)
-                    continue
-                key = (name, tuple(sorted(sample.labels.items())))
-                gained = sample.value - self._published.get(key, 0.0)
-                if gained > 0:
-                    metric.inc(gained, tags=tags)
-                    self._published[key] = sample.value
+        try:
+            families = list(self.registry.collect())
+        except Exception as error:
+            self._log_once("(collecting)", error)
+            return
+        for family in families:
+            try:
+                self._publish(family)
+            except Exception as error:
+                self._log_once(family.name, error)
 
-    def _metric(self, name: str, description: str, tag_keys: tuple[str, ...], cumulative: bool):
-        if name not in self._metrics:
-            kind = ray_metrics.Counter if cumulative else ray_metrics.Gauge
-            self._metrics[name] = kind(name, description=description, tag_keys=tag_keys or None)
-        return self._metrics[name]
+    def _log_once(self, name: str, error: Exception) -> None:
+        if name not in self._failed:
+            self._failed.add(name)
+            log_event("metric not published", logging.WARNING, metric=name, error=f"{type(error).__name__}: {error}")
+
+    def _publish(self, family) -> None:
+        counter = family.type == "counter"
+        for sample in family.samples:
+            if sample.name.endswith("_created"):  # a counter's creation time: nothing to add up
+                continue
+            name = sample.name.removesuffix("_total") if counter else sample.name
+            if name not in self._metrics:
+                kind = ray_metrics.Counter if counter else ray_metrics.Gauge
+                self._metrics[name] = kind(name, description=family.documentation,
+                                           tag_keys=tuple(sorted(sample.labels)) or None)
+            metric = self._metrics[name]
+            tags = {key: _ascii(value) for key, value in sample.labels.items()} or None
+            if not counter:
+                metric.set(sample.value, tags=tags)
+                continue
+            key = (name, tuple(sorted(sample.labels.items())))
+            last = self._published.get(key, 0.0)
+            gained = sample.value - last if sample.value >= last else sample.value
+            if gained > 0:
+                metric.inc(gained, tags=tags)
+            self._published[key] = sample.value
 
 
 def _ascii(text: str) -> str:
