@@ -480,3 +480,20 @@ def test_the_cold_start_child_builds_the_quantized_engine(monkeypatch, capsys):
     assert capsys.readouterr().out == "first image\n"
     assert built[0].quantization == recipe and built[0].precision.value == "bf16"
 
+
+
+def test_a_given_target_is_recorded_as_the_engine_that_ran_it():
+    """`run` with targets of the caller's (as benchmarks.tensorrt_check passes them): each record names the
+    backend, precision and source of the pipeline that ran, not those of the options' first runtime."""
+    from engine import WuerstchenPipeline
+    from engine.recipe import Recipe
+    from engine.runtime import ModelSource, resolve
+
+    options = bench.Options(runtimes=(resolve(ModelSource.choose(preset="tiny"), "torch", "cpu", "fp32"),),
+                            sizes=((128, 128),), batches=(1,), recipe=Recipe(prior_steps=2, decoder_steps=2),
+                            warmup=1, runs=1, cold_start=False)
+    pipe = WuerstchenPipeline.from_preset("tiny", "cpu", torch.bfloat16, seed=3)
+    [record] = bench.run(options, progress=lambda line: None, targets={"mine": bench.engine_target(pipe)})
+    workload = record["workload"]
+    assert (workload["target"], workload["backend"], workload["dtype"]) == ("mine", "torch", "bf16")
+    assert workload["source"] == "tiny demo (random weights, seed 3)" and workload["quantization"] is None
