@@ -460,6 +460,35 @@ def test_the_summary_compares_each_quantized_target_with_the_unquantized_one_at_
         "| 55 % (≤ 55 %) |"]
 
 
+def load_row(name: str, images_per_s: float, p50: float, p99: float) -> dict:
+    return {"measurement": name, "images_per_s": images_per_s, "latency_s": {"p50": p50, "p99": p99}}
+
+
+def test_the_scheduler_under_load_is_shown_against_its_targets_in_the_summary_and_the_readme(tmp_path):
+    path = results_file(tmp_path, "2026-12-01T10:00:00+00:00", "NVIDIA H200", RECORDS)
+    run = json.loads(path.read_text())
+    run["steps"].append({"name": "load", "status": "passed", "seconds": 140.0, "results": {
+        "workload": {"runtime": "wuerstchen-v2 (random weights, seed 0) on torch-fast, cuda, fp16"},
+        "measurements": [load_row("sequential", 1.25, 0.79, 0.81), load_row("concurrency 1", 1.3, 0.77, 0.8),
+                         load_row("concurrency 4", 4.5, 0.9, 1.1), load_row("concurrency 8", 6.0, 1.3, 1.5),
+                         load_row("poisson 4.8 req/s", 4.7, 1.2, 1.9)]}})
+    path.write_text(json.dumps(run))
+    expected = [
+        "| scheduler under load | measured | target | meets it |",
+        "|---|---|---|---|",
+        "| images/s at saturation | 6.00 | ≥ 5 on an H200 | yes |",
+        "| saturation against one request at a time | 4.80× (1.25 images/s) | ≥ 1.5× | yes |",
+        "| p99 latency at 80 % of saturation (poisson 4.8 req/s) | 1.900 s = 2.41× solo (0.790 s) | ≤ 2× solo | no |"]
+    summary = results.summary_markdown(run).splitlines()
+    start = summary.index("## The step scheduler under load")
+    assert summary[start + 2] == "wuerstchen-v2 (random weights, seed 0) on torch-fast, cuda, fp16."
+    assert summary[start + 4:start + 9] == expected
+    block = results.readme_block(tmp_path).splitlines()
+    start = block.index("The step scheduler under load (`load`: wuerstchen-v2 (random weights, seed 0) on torch-fast, "
+                        "cuda, fp16):")
+    assert block[start + 2:start + 7] == expected
+
+
 def test_without_diffusers_compile_the_target_is_the_h200_figure():
     run = {"steps": [{"name": "e2e", "status": "passed", "results": {"records": RECORDS}}]}
     row = results.performance_table(run)[5]
