@@ -426,7 +426,12 @@ def earlier_steps(folder: Path | None, name: str, rerun: set[str]) -> list[dict]
 def write_results(run: dict, folders: list[Path]) -> list[Path]:
     """The run's JSON and its markdown summary, each written whole, into every folder."""
     name = results_name(run)
-    text, summary = json.dumps(run, indent=1, ensure_ascii=False) + "\n", summary_markdown(run)
+    text = json.dumps(run, indent=1, ensure_ascii=False) + "\n"
+    try:
+        summary = summary_markdown(run)
+    except Exception as error:  # noqa: BLE001 - the results must be written whatever their summary trips on
+        summary = (f"# GPU suite, {name}\n\nThe summary could not be written ({type(error).__name__}: {error}); "
+                   f"the results are in {name}.json.\n")
     written = []
     for folder in dict.fromkeys(folders):
         folder.mkdir(parents=True, exist_ok=True)

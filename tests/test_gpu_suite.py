@@ -204,6 +204,16 @@ def test_a_step_that_writes_no_output_or_a_bad_one_fails(tmp_path):
     assert outcome.status == "failed" and outcome.note.startswith("could not read bad.json: Expecting property name")
 
 
+def test_results_are_written_even_where_their_summary_fails(tmp_path):
+    run = {"format": "wuerstchen-gpu-suite", "dry_run": False, "started": "2026-12-01T10:00:00+00:00",
+           "budget_s": 480.0, "provenance": H100, "steps": [
+               {"name": "load", "status": "passed", "results": {"workload": {}, "measurements": [{"odd": 1}]}}]}
+    json_path, summary_path = gpu_suite.write_results(run, [tmp_path])
+    assert json.loads(json_path.read_text()) == run
+    assert summary_path.read_text() == ("# GPU suite, 2026-12-01-h100-80gb-hbm3\n\nThe summary could not be written "
+                                        "(KeyError: 'runtime'); the results are in 2026-12-01-h100-80gb-hbm3.json.\n")
+
+
 def test_results_are_named_by_date_and_gpu():
     assert gpu_suite.gpu_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
     assert gpu_suite.gpu_slug("NVIDIA H200") == "h200"
