@@ -103,6 +103,15 @@ def log_records():
     logger.setLevel(level)
 
 
+def logged(log_records, request_id: str) -> list[dict]:
+    """A request's log records once its last one is written: the middleware logs the response after the
+    client has it, so the test waits for that record rather than racing it."""
+    def records():
+        events = [record for record in log_records() if record.get("request_id") == request_id]
+        return events if events and events[-1]["event"] == "response" else None
+    return wait_for(records, 10, f"the response record of request {request_id}")
+
+
 def png(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     assert image.format == "PNG"
@@ -200,8 +209,7 @@ def test_a_client_that_disconnects_cancels_its_request(client, server, log_recor
     wait_for(lambda: stats()["cancelled"] == before["cancelled"] + 1 and stats()["in_flight"] == 0, TIMEOUT,
              "the request to be cancelled")
     assert time.monotonic() - closed < 30 and stats()["completed"] == before["completed"]
-    wait_for(lambda: any(r.get("status") == 499 for r in log_records()), 10, "the response's log record")
-    events = [record for record in log_records() if record.get("request_id") == "gone-1"]
+    events = logged(log_records, "gone-1")
     assert [record["event"] for record in events] == ["submitted", "cancelled", "response"]
     assert events[1]["reason"] == "the client disconnected" and events[2]["status"] == 499
 
@@ -295,7 +303,15 @@ def test_metrics_parse_and_count_what_was_served(client):
     before = metric_samples(client.get("/metrics").text)
     assert client.post(IMAGES, json={"prompt": "two", "n": 2, **FAST}).status_code == 200
     assert client.post(IMAGES, json={"prompt": "none", "n": 0}).status_code == 400
-    after = metric_samples(client.get("/metrics").text)
+
+    # The middleware counts a response once the client has it: wait for the last one to be counted.
+    responses = ("wuerstchen_http_responses_total", (("code", "400"), ("endpoint", IMAGES)))
+
+    def counted():
+        samples = metric_samples(client.get("/metrics").text)
+        return samples if samples.get(responses, 0.0) > before.get(responses, 0.0) else None
+
+    after = wait_for(counted, 10, "the refused request to be counted")
 
     def delta(name, **labels):
         key = (name, tuple(sorted(labels.items())))
@@ -324,7 +340,7 @@ def test_health_ready_and_one_request_id_end_to_end(client, log_records):
     response = client.post("/generate", json={"prompt": "traced", "seed": 3, **FAST},
                            headers={"X-Request-Id": "trace-42"})
     assert response.status_code == 200 and response.headers["x-request-id"] == "trace-42"
-    events = [record for record in log_records() if record.get("request_id") == "trace-42"]
+    events = logged(log_records, "trace-42")
     assert [record["event"] for record in events] == ["submitted", "finished", "response"]
     assert events[0]["seed"] == 3 and events[0]["size"] == "128x128" and isinstance(events[0]["engine_request_id"], int)
     assert events[1]["engine_request_id"] == events[0]["engine_request_id"]
@@ -335,7 +351,7 @@ def test_health_ready_and_one_request_id_end_to_end(client, log_records):
     refused = client.post(IMAGES, json={"prompt": "x", "n": 9}, headers={"X-Request-Id": "not a sane id"})
     request_id = refused.headers["x-request-id"]
     assert len(request_id) == 32 and refused.json()["error"]["request_id"] == request_id
-    assert [r["status"] for r in log_records() if r.get("request_id") == request_id] == [400]
+    assert [record["status"] for record in logged(log_records, request_id)] == [400]
 
 
 def test_a_stalled_loop_fails_health_until_it_moves_again(demo):
