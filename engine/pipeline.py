@@ -838,10 +838,11 @@ class WuerstchenPipeline:
           request's rows alone. The dict returned may replace `latents` and `text_encoder_hidden_states` (return
           them: the conditioning is computed from the text states once, so changing them in place does nothing). A
           callback runs on the scheduler's thread once the device has finished the step: a host sync per step
-          of this request, and the other requests in flight wait while it runs (so it must not call the
-          pipeline and wait). On torch-fast it sees a copy of the CUDA graph's output: the tensors it sees are
-          those of an eager step. As in diffusers, a callback stops the run by raising: the call raises that
-          exception, and no other request is touched.
+          of this request, and the other requests in flight wait while it runs (it may `submit` to the
+          pipeline; waiting there for a result of the same pipeline raises rather than hang). On torch-fast
+          it sees a copy of the CUDA graph's output: the tensors it sees are those of an eager step. As in
+          diffusers, a callback stops the run by raising: the call raises that exception, and no other
+          request is touched.
         - `return_dict=False`: what diffusers returns then, the images themselves (a list, an array or a
           tensor), not a tuple."""
         state = self._images_state(

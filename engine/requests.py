@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from engine.errors import WuerstchenError
 from engine.policy import Candidate, GroupKey, Stage
 from engine.schedule import DenoisingSchedule
 
@@ -26,6 +27,9 @@ KINDS = ("images", "prior", "decoder")  # the whole pipeline, the prior alone (r
 # decoder pipelines.
 PRIOR_CALLBACK_TENSORS = ("latents", "text_encoder_hidden_states", "negative_prompt_embeds")
 DECODER_CALLBACK_TENSORS = (*PRIOR_CALLBACK_TENSORS, "image_embeddings")
+
+# On a scheduler's worker thread, `WORKER.scheduler` is the scheduler it runs (see `RequestFuture.result`).
+WORKER = threading.local()
 
 
 class RequestFuture(Future):
@@ -37,8 +41,26 @@ class RequestFuture(Future):
         super().__init__()
         self.request_id = request_id
         self.progress: tuple[str, int, int] = ("queued", 0, 0)
+        self.scheduler: object | None = None  # the scheduler that runs it, once submitted
         self._progress_callbacks: list[Callable[[str, int, int], None]] = []
         self._progress_lock = threading.Lock()
+
+    def result(self, timeout: float | None = None):
+        self._check_waiter()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None):
+        self._check_waiter()
+        return super().exception(timeout)
+
+    def _check_waiter(self) -> None:
+        """A one-line error, not a hang, when the thread about to wait is the scheduler's own (a step or progress
+        callback waiting for its pipeline): the request would wait for it. The request is cancelled."""
+        if not self.done() and self.scheduler is not None and getattr(WORKER, "scheduler", None) is self.scheduler:
+            self.cancel()
+            raise WuerstchenError("a callback waited for a request of its own pipeline: callbacks run on the "
+                                  "pipeline's scheduler thread, which would have to run the request, so it would "
+                                  "wait forever; use pipeline.submit() there and wait for the result elsewhere")
 
     def add_progress_callback(self, callback: Callable[[str, int, int], None]) -> None:
         with self._progress_lock:

@@ -37,7 +37,7 @@ import torch
 
 from engine.errors import WuerstchenError
 from engine.policy import CostModel, PolicyOptions, Stage, Tick, batch_size, plan
-from engine.requests import RequestFuture, RequestState
+from engine.requests import WORKER, RequestFuture, RequestState
 
 
 class Refused(RuntimeError):
@@ -175,6 +175,7 @@ class Scheduler:
                     self._refuse(DeadlineInfeasible(
                         f"the request needs about {estimate:.2f} s with the work ahead of it, and its deadline is in "
                         f"{state.deadline - state.submitted:.2f} s"))
+            state.future.scheduler = self
             self._queue.append(state)
             if start:
                 self._ensure_worker()
@@ -220,6 +221,7 @@ class Scheduler:
 
     def _work(self) -> None:
         torch.set_grad_enabled(False)  # grad mode is per thread
+        WORKER.scheduler = self
         while True:
             with self._lock:
                 if not self._queue and not self._in_flight:

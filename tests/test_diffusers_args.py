@@ -313,6 +313,36 @@ def test_a_raising_callback_fails_its_request_alone(tiny_pipeline):
     assert np.array_equal(tiny_pipeline(**other, generator=_seed(5)).images, alone)
 
 
+def test_a_callback_that_waits_for_its_own_pipeline_fails_rather_than_hangs(tiny_pipeline):
+    call = dict(prompt="a cat", height=128, width=128, prior_num_inference_steps=2, num_inference_steps=1,
+                output_type="np")
+    submitted = []
+
+    def calls_the_pipeline(pipeline, step, timestep, callback_kwargs):
+        if step == 0:
+            submitted.append(pipeline.submit(**call, seed=2))  # no wait: allowed
+            pipeline(**call)  # waits on the thread that would run it
+        return callback_kwargs
+
+    outcome = []
+    caller = threading.Thread(target=lambda: outcome.append(_outcome(
+        lambda: tiny_pipeline(**call, prior_callback_on_step_end=calls_the_pipeline))))
+    caller.start()
+    caller.join(120)
+    assert not caller.is_alive(), "the pipeline call hung"
+    assert isinstance(outcome[0], WuerstchenError) and str(outcome[0]).startswith(
+        "a callback waited for a request of its own pipeline")
+    assert np.array_equal(submitted[0].result(timeout=120).images, tiny_pipeline(**call, generator=_seed(2)).images)
+    assert tiny_pipeline.stats()["in_flight"] == 0 and tiny_pipeline.stats()["queued"] == 0
+
+
+def _outcome(function):
+    try:
+        return function()
+    except Exception as error:  # noqa: BLE001 — the test asserts what it was
+        return error
+
+
 # --- return_dict -----------------------------------------------------------------------------------------
 
 
