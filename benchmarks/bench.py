@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import PROMPT, instrument_diffusers, instrument_engine, matmul_peak_tflops, measure
+from benchmarks.report import BASELINES
 from engine.errors import WuerstchenError
 from engine.precision import Precision
 from engine.quantization import QuantRecipe
@@ -26,7 +27,6 @@ from engine.recipe import Recipe
 from engine.runtime import Runtime, describe_quantization
 from engine.shapes import check_image_size
 
-BASELINES = ("diffusers", "diffusers-compile")
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 

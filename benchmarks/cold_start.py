@@ -13,7 +13,8 @@ import sys
 def main(spec: dict) -> None:
     import torch
 
-    from benchmarks.bench import BASELINES, _call, build_engine, compiled
+    from benchmarks.bench import _call, build_engine, compiled
+    from benchmarks.report import BASELINES
     from engine.quantization import QuantRecipe
     from engine.recipe import Recipe
     from engine.runtime import ModelSource, resolve

@@ -24,7 +24,8 @@ import torch
 
 from engine.cli import model_flags, resolve_flags
 from engine.errors import WuerstchenError
-from engine.quantization import CALIBRATION_PROMPTS, STAGES, Quantization
+from engine.precision import Quantization
+from engine.quantization import CALIBRATION_PROMPTS, STAGES
 
 PROMPTS = (*CALIBRATION_PROMPTS, "a bowl of ramen on a wooden table, steam rising", "a city street at night in the "
            "rain, neon signs", "a watercolour of mountains above a lake", "a portrait of an astronaut, studio light")

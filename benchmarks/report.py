@@ -18,6 +18,7 @@ from pathlib import Path
 from engine.errors import WuerstchenError
 from engine.files import atomic_writer, write_atomically
 
+BASELINES = ("diffusers", "diffusers-compile")  # the targets that are diffusers: every other is compared with them
 STAGE_COLUMNS = ("prior_step", "decoder_step", "vqgan_decode", "prior_text", "decoder_text")
 CSV_COLUMNS = (
     "date", "device", "driver", "torch", "git_commit", "target", "source", "backend", "dtype", "height", "width",
@@ -271,8 +272,6 @@ def _parts_ms(record: dict) -> dict[str, float]:
 
 def _reference(records: list[dict]) -> str:
     """The target every other is compared with: the first baseline, else the first target."""
-    from benchmarks.bench import BASELINES
-
     targets = list(dict.fromkeys(record["workload"]["target"] for record in records))
     return next((target for target in targets if target in BASELINES), targets[0])
 

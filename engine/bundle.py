@@ -22,8 +22,8 @@ import torch
 from engine.config import WuerstchenConfig
 from engine.errors import WuerstchenError
 from engine.files import inside
-from engine.precision import Precision
-from engine.quantization import STAGES, Quantization, QuantRecipe
+from engine.precision import Precision, Quantization
+from engine.quantization import STAGES, QuantRecipe
 
 FORMAT = "wuerstchen-bundle"
 FORMAT_VERSION = 1

@@ -1,4 +1,5 @@
-"""The one precision type: what every backend, graph, engine and benchmark is asked to compute in.
+"""The precision types: `Precision`, what every backend, graph, engine and benchmark is asked to compute in, and
+`Quantization`, the 8-bit schemes a model's Linears may hold beside it (`engine.quantization` chooses which).
 
 A user writes a precision as `fp16`, `float16`, `half`, `FP16` or `torch.float16`; everything inside the
 engine holds a `Precision`. Its `torch_dtype` is what the PyTorch stages run in, and its `onnx_name`
@@ -49,6 +50,33 @@ class Precision(str, Enum):
         """Every spelling `parse` takes."""
         aliases = [spelling for spelling in _SPELLINGS if spelling not in {p.value for p in cls}]
         return f"fp32, fp16 or bf16 (or {', '.join(aliases)}; in any case)"
+
+
+class Quantization(str, Enum):
+    """What a quantized Linear holds in 8 bits: fp8 (weights, and activations per row as they arrive; sm_89+
+    GPUs) or int8 (weights only; any GPU)."""
+
+    FP8 = "fp8"
+    INT8 = "int8"
+
+    @property
+    def weight_dtype(self):
+        """The `torch.dtype` its weights are stored in: torch.float8_e4m3fn or torch.int8."""
+        import torch
+
+        return torch.float8_e4m3fn if self is Quantization.FP8 else torch.int8
+
+    @classmethod
+    def parse(cls, value, field: str = "quantize") -> Quantization | None:
+        """A scheme from its name (any case), or None for `None` and "none"."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str) and value.lower() == "none":
+            return None
+        if isinstance(value, str) and value.lower() in {scheme.value for scheme in cls}:
+            return cls(value.lower())
+        raise WuerstchenError(f"{field}={value!r} is not a quantization: expected none, fp8 (weights and "
+                              "activations, sm_89+ GPUs) or int8 (weights only)")
 
 
 _FULL_NAMES = {Precision.FP32: "float32", Precision.FP16: "float16", Precision.BF16: "bfloat16"}

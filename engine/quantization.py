@@ -19,7 +19,6 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from engine.config import WuerstchenConfig
 from engine.errors import WuerstchenError
 from engine.files import write_atomically
 from engine.models.decoder import resize_image_embeddings
+from engine.precision import Quantization
 from engine.shapes import image_shapes
 from engine.text import TextEncoder
 
@@ -38,30 +38,6 @@ STAGES = ("prior", "decoder")
 CALIBRATION_PROMPTS = ("a photograph of a red fox in fresh snow", "an oil painting of a lighthouse at dusk",
                        "a bowl of ramen, studio lighting", "")
 CALIBRATION_LEVELS = (0.9, 0.5, 0.1)  # noise levels r of the calibration step: early, middle, late
-
-
-class Quantization(str, Enum):
-    """What a quantized Linear holds in 8 bits: fp8 (weights, and activations per row as they arrive; sm_89+
-    GPUs) or int8 (weights only; any GPU)."""
-
-    FP8 = "fp8"
-    INT8 = "int8"
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return torch.float8_e4m3fn if self is Quantization.FP8 else torch.int8
-
-    @classmethod
-    def parse(cls, value, field: str = "quantize") -> Quantization | None:
-        """A scheme from its name (any case), or None for `None` and "none"."""
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, str) and value.lower() == "none":
-            return None
-        if isinstance(value, str) and value.lower() in {scheme.value for scheme in cls}:
-            return cls(value.lower())
-        raise WuerstchenError(f"{field}={value!r} is not a quantization: expected none, fp8 (weights and "
-                              "activations, sm_89+ GPUs) or int8 (weights only)")
 
 
 # One step's relative error (predicted noise, against the unquantized model from the same input) a recipe

@@ -29,8 +29,8 @@ from engine.config import WuerstchenConfig, preset
 from engine.device import resolve_device
 from engine.errors import WuerstchenError
 from engine.hub import connected_prior, local_folder
-from engine.precision import Precision
-from engine.quantization import Quantization, QuantRecipe
+from engine.precision import Precision, Quantization
+from engine.quantization import QuantRecipe
 from kernels import interpreted
 
 

@@ -36,7 +36,7 @@ def export_runtime(args: argparse.Namespace):
 def export(args: argparse.Namespace) -> int:
     """Load the source as `export_runtime` resolves it, and write its bundle."""
     from engine.pipeline import WuerstchenPipeline
-    from engine.quantization import Quantization
+    from engine.precision import Quantization
 
     try:
         from export.bundle import export_bundle, folder_sources

@@ -20,7 +20,8 @@ from engine import WuerstchenError, WuerstchenPipeline
 from engine.bundle import QUANTIZED_GRAPHS, open_bundle
 from engine.cli import main
 from engine.models import quantized
-from engine.quantization import Quantization, QuantRecipe
+from engine.precision import Quantization
+from engine.quantization import QuantRecipe
 from export.bundle import export_bundle
 from export.lint import check_tensorrt_compatible
 from export.verify import FP8_STEP_TOLERANCE, TOLERANCES, tolerances, verify_bundle

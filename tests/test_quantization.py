@@ -15,7 +15,8 @@ from engine import WuerstchenError, preset
 from engine.backends.pytorch import load_models
 from engine.models import Decoder, Prior, quantized
 from engine.models.quantized import QuantizedLinear, candidates, quantize, weight_bytes
-from engine.quantization import BOUNDS, Quantization, QuantRecipe, calibration_steps, relative_error, scan
+from engine.precision import Quantization
+from engine.quantization import BOUNDS, QuantRecipe, calibration_steps, relative_error, scan
 from engine.runtime import ModelSource
 from kernels.quant import fp8_linear_ref, int8_weight_only_linear_ref, quantize_fp8_rows_ref, quantize_weight
 

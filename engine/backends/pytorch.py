@@ -14,7 +14,8 @@ from engine.backends import Backend, BackendOptions, backend_options
 from engine.config import WuerstchenConfig, preset
 from engine.denoise import StepGraphs
 from engine.models import Decoder, Prior, VQGANDecoder
-from engine.quantization import Quantization, QuantRecipe, scan
+from engine.precision import Quantization
+from engine.quantization import QuantRecipe, scan
 from engine.runtime import ModelSource, Runtime
 from engine.stages import Stages
 from engine.text import TextEncoder, load_text_encoder, random_text_encoder

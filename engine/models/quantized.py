@@ -8,7 +8,7 @@ says: the text and timestep mappers, the input and output projections (the noise
 up-samplers, the embeddings and the norms. Which candidates a model quantizes is a recipe's choice
 (`engine.quantization`): all of them, or those a sensitivity scan lets through.
 
-Schemes (`engine.quantization.Quantization`):
+Schemes (`engine.precision.Quantization`):
 - fp8: weights float8_e4m3fn with a scale per output channel, activations quantized per row (token) as they
   arrive, fp8 × fp8 products summed in fp32 (`kernels.quant.fp8_linear`, or cuBLASLt's where measured
   faster); needs an sm_89+ GPU (Ada, Hopper).
@@ -27,7 +27,7 @@ from torch import nn
 
 from engine.errors import WuerstchenError
 from engine.models.blocks import AttnBlock, ResBlock
-from engine.quantization import Quantization
+from engine.precision import Quantization
 
 try:
     from kernels import interpreted
