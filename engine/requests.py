@@ -35,7 +35,8 @@ WORKER = threading.local()
 class RequestFuture(Future):
     """A submitted request's result: what the matching pipeline call returns, or its exception. `cancel()`
     works until the request finishes: the scheduler frees its slot at the next tick. `progress` is (stage,
-    step, steps) of the work last done; `add_progress_callback` calls a function with it after each step."""
+    step, steps) of the work last done; `add_progress_callback` calls a function with each piece of work done
+    so far, in order, then with each one as it is done, so a function added after `submit` misses none."""
 
     def __init__(self, request_id: int):
         super().__init__()
@@ -43,6 +44,7 @@ class RequestFuture(Future):
         self.progress: tuple[str, int, int] = ("queued", 0, 0)
         self.scheduler: object | None = None  # the scheduler that runs it, once submitted
         self._progress_callbacks: list[Callable[[str, int, int], None]] = []
+        self._reported: list[tuple[str, int, int]] = []  # every piece of work done, for callbacks added late
         self._progress_lock = threading.Lock()
 
     def result(self, timeout: float | None = None):
@@ -63,13 +65,16 @@ class RequestFuture(Future):
                                   "wait forever; use pipeline.submit() there and wait for the result elsewhere")
 
     def add_progress_callback(self, callback: Callable[[str, int, int], None]) -> None:
-        with self._progress_lock:
+        with self._progress_lock:  # held while catching up, so that the next report comes after it
+            for progress in self._reported:
+                callback(*progress)
             self._progress_callbacks.append(callback)
 
     def report(self, stage: str, step: int, steps: int) -> None:
         """Called by the scheduler's thread after each piece of the request's work."""
         self.progress = (stage, step, steps)
         with self._progress_lock:
+            self._reported.append(self.progress)
             callbacks = list(self._progress_callbacks)
         for callback in callbacks:
             callback(stage, step, steps)

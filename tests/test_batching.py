@@ -142,6 +142,11 @@ def test_submit_returns_what_the_call_returns_and_cancels(tiny_pipeline):
     future = tiny_pipeline.submit(**spec)
     assert np.array_equal(future.result(timeout=60).images, _solo(tiny_pipeline, spec))
     assert future.progress[0] == "decoder" and future.progress[1] == future.progress[2]
+    seen = []  # a progress callback added after the work still sees every step of it, in order
+    future.add_progress_callback(lambda stage, step, steps: seen.append((stage, step, steps)))
+    prior_steps, decoder_steps = spec["prior_num_inference_steps"], spec["num_inference_steps"]
+    assert seen == [("prior", step, prior_steps) for step in range(1, prior_steps + 1)] + \
+        [("decoder", step, decoder_steps) for step in range(1, decoder_steps + 1)]
 
     async def awaited():
         return await tiny_pipeline.asubmit(**spec)

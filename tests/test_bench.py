@@ -313,6 +313,7 @@ def test_the_load_benchmark_runs_over_http_against_a_server_on_this_machine(tmp_
     pipe = WuerstchenPipeline.from_preset("tiny", device="cpu")
     service = Service(pipe, ServerOptions(warmup=Recipe(128, 128, prior_steps=1, decoder_steps=1)))
     with BackgroundServer(create_app(service)) as url:
+        assert service.ready.wait(120)  # the warm-up done, not beside the sequential measurement
         argv = ["bench", "--load", "--url", url, "--sizes", "128", "--prior-steps", "2", "--decoder-steps", "2",
                 "--concurrency", "1", "4", "--requests", "6", "--json", str(tmp_path / "load.json")]
         assert main(argv) == 0

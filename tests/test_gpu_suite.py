@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -95,7 +96,7 @@ def test_the_dry_plan_has_the_same_steps_and_shares(tmp_path):
 
 @pytest.fixture(scope="module")
 def stand_in_run(tmp_path_factory):
-    """Four stand-in steps under a 6-second budget: one passes and writes output, one fails, one outlives
+    """Four stand-in steps under a 12-second budget: one passes and writes output, one fails, one outlives
     its limit (leaving a grandchild behind), and the last reads the results file the suite has written so
     far."""
     folder = tmp_path_factory.mktemp("suite")
@@ -118,7 +119,7 @@ def stand_in_run(tmp_path_factory):
     ]
     lines: list[str] = []
     start = time.monotonic()
-    run = Suite(steps, 6.0, out, provenance=lambda environment: dict(H100), echo=lines.append).run()
+    run = Suite(steps, 12.0, out, provenance=lambda environment: dict(H100), echo=lines.append).run()
     return run, out, name, lines, time.monotonic() - start, child
 
 
@@ -131,12 +132,12 @@ def test_each_step_is_recorded_and_a_failure_or_timeout_does_not_stop_the_next(s
     assert steps["tests"]["tail"] == "boom here"
     assert steps["fusions"]["returncode"] is None and steps["fusions"]["note"].startswith("stopped at its limit")
     assert steps["fusions"]["tail"] == "sleeping"
-    # Steps that were quick left their time to the next: the sleeper had more than its 1-second share.
-    assert 1.5 < steps["fusions"]["limit_s"] <= 3.1 and steps["fusions"]["seconds"] >= steps["fusions"]["limit_s"]
-    assert seconds < 6.0 + 2 * gpu_suite.KILL_GRACE_S
+    # Steps that were quick left their time to the next: the sleeper had more than its 2-second share.
+    assert 3 < steps["fusions"]["limit_s"] <= 6.1 and steps["fusions"]["seconds"] >= steps["fusions"]["limit_s"]
+    assert seconds < 12.0 + 2 * gpu_suite.KILL_GRACE_S
     assert all(s["git_commit"] == H100["git_commit"] for s in run["steps"])
     assert "so far: ['passed', 'failed', 'timed out', 'pending']" in lines
-    assert "==> tests failed, 0 s (exit status 3)" in lines
+    assert any(re.fullmatch(r"==> tests failed, \d+ s \(exit status 3\)", line) for line in lines)
     assert not gpu_suite.succeeded(run, [])
 
 
@@ -151,7 +152,7 @@ def test_results_file_and_summary_hold_provenance_statuses_and_output(stand_in_r
     assert sorted(path.name for path in out.iterdir()) == [f"{name}.json", f"{name}.md", "gpu-suite.log"]
     written = json.loads((out / f"{name}.json").read_text())
     assert written["format"] == "wuerstchen-gpu-suite" and written["dry_run"] is False
-    assert written["provenance"] == H100 and written["budget_s"] == 6.0 and written["finished"]
+    assert written["provenance"] == H100 and written["budget_s"] == 12.0 and written["finished"]
     assert [(s["name"], s["status"]) for s in written["steps"]] == [
         ("install", "passed"), ("tests", "failed"), ("fusions", "timed out"), ("e2e", "passed")]
     assert all(s["seconds"] is not None and s["limit_s"] > 0 and s["started"] for s in written["steps"])

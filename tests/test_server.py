@@ -199,7 +199,7 @@ def test_a_saturated_server_answers_429_with_retry_after_and_recovers(demo):
 def test_a_client_that_disconnects_cancels_its_request(client, server, log_records):
     stats = server[1].pipe.stats
     before = stats()
-    body = json.dumps({"prompt": "a very long one", "size": "512x512", "prior_steps": 200, "decoder_steps": 2})
+    body = json.dumps({"prompt": "a very long one", "size": "1024x1024", "prior_steps": 200, "decoder_steps": 2})
     request = (f"POST {IMAGES} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                f"X-Request-Id: gone-1\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode()
     with socket.create_connection((client.base_url.host, client.base_url.port)) as connection:
@@ -217,7 +217,7 @@ def test_a_client_that_disconnects_cancels_its_request(client, server, log_recor
 def test_a_client_that_leaves_a_progress_stream_cancels_its_request(client, server):
     stats = server[1].pipe.stats
     before = stats()
-    body = {"prompt": "a very long one", "size": "512x512", "prior_steps": 200, "decoder_steps": 2, "stream": True}
+    body = {"prompt": "a very long one", "size": "1024x1024", "prior_steps": 200, "decoder_steps": 2, "stream": True}
     with httpx.Client(base_url=client.base_url, timeout=TIMEOUT) as leaving:
         with leaving.stream("POST", "/generate", json=body) as response:
             lines = response.iter_lines()
@@ -450,7 +450,7 @@ def test_the_serve_command_serves_the_demo_model_and_logs_json_lines():
             listening = next(json.loads(line) for line in lines if '"listening"' in line)
             assert listening["url"].startswith("http://127.0.0.1:") and not listening["authenticated"]
             with httpx.Client(base_url=listening["url"], timeout=TIMEOUT) as client:
-                assert client.get("/ready").json()["status"] == "ready"
+                wait_for(lambda: client.get("/ready").json()["status"] == "ready", TIMEOUT, "the server to be ready")
                 response = client.post(IMAGES, json={"prompt": "a corgi", **FAST})
                 assert response.status_code == 200 and len(response.json()["data"]) == 1
             record = json.loads(next(line for line in lines if '"response"' in line and IMAGES in line))
