@@ -411,7 +411,8 @@ def test_where_steps_are_captured_the_warm_up_runs_every_batch_size_before_ready
     assert not service.ready.is_set()
     service.warm_up()
     stats = service.pipe.stats()
-    assert service.ready.is_set() and stats["completed"] == 1 + 2 + 4 + 8
+    # One request per size, its images one batch at each of its steps (one prior step, one decoder step).
+    assert service.ready.is_set() and stats["completed"] == 4 and stats["rows"] == (1 + 2 + 4 + 8) * 2
     assert sorted(stats["tick_ms"]["prior 3×3, guided"]) == [1, 2, 4, 8]  # one CUDA graph each, on a GPU
 
 

@@ -37,7 +37,7 @@ class ServerOptions:
     request (`max_images` for n, `max_prompt_chars` for the prompt and the negative prompt, `max_steps` for
     either stage, `max_body_bytes`); `api_key`: required as a bearer token on every endpoint but /health and
     /ready, when set; `warmup`: the recipe of the requests run before /ready answers 200 (on torch-fast, a
-    round at each batch size, capturing the steps' CUDA graphs), None for none; `stall_seconds`: how long the
+    request at each batch size, capturing the steps' CUDA graphs), None for none; `stall_seconds`: how long the
     scheduler may run no step while it holds requests before /health fails; `echo_request_id`: answer with an
     X-Request-Id header (off behind Ray's proxy, which adds its own)."""
 

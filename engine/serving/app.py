@@ -89,8 +89,9 @@ class Service:
 
     def warm_up(self) -> None:
         """Run the warm-up requests, then be ready: one request, or where the backend captures steps as CUDA
-        graphs (torch-fast), a round of requests at each of the scheduler's batch sizes, so that no client's
-        request pays for a capture at the warm-up's size."""
+        graphs (torch-fast), one at each of the scheduler's batch sizes (as many images as the size: one batch
+        of that size at every step, however the worker's ticks fall), so that no client's request pays for a
+        capture at the warm-up's size."""
         recipe = self.options.warmup
         start = time.perf_counter()
         if recipe is not None:
@@ -98,10 +99,8 @@ class Service:
             rounds = scheduler.policy.buckets if scheduler.runner.captures else (1,)
             try:
                 for size in rounds:
-                    futures = [self.pipe.submit("warm-up", **recipe.call(), output_type="pt", seed=seed)
-                               for seed in range(size)]
-                    for future in futures:
-                        future.result()
+                    self.pipe.submit("warm-up", **recipe.call(images_per_prompt=size), output_type="pt",
+                                     seed=0).result()
             except Exception as error:
                 self.warm_up_error = f"{type(error).__name__}: {error}"
                 log_event("warm-up failed", logging.ERROR, error=self.warm_up_error)
