@@ -28,7 +28,7 @@ KINDS = ("images", "prior", "decoder")  # the whole pipeline, the prior alone (r
 PRIOR_CALLBACK_TENSORS = ("latents", "text_encoder_hidden_states", "negative_prompt_embeds")
 DECODER_CALLBACK_TENSORS = (*PRIOR_CALLBACK_TENSORS, "image_embeddings")
 
-# On a scheduler's worker thread, `WORKER.scheduler` is the scheduler it runs (see `RequestFuture.result`).
+# On a scheduler's worker thread, `WORKER.scheduler` is the scheduler it runs (see `RequestFuture._check_waiter`).
 WORKER = threading.local()
 
 
