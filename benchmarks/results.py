@@ -179,17 +179,18 @@ def load_table(measurements: list[dict]) -> list[str]:
                   [[name, value, target, "yes" if met else "no"] for name, value, target, met in figures])
 
 
-def measured_beyond_the_table(run: dict) -> list[str]:
-    """The quantized comparison and the scheduler under load, where the run measured them."""
-    lines = []
+def measured_beyond_the_table(run: dict) -> list[tuple[str, str, str | None, list[str]]]:
+    """The quantized comparison and the scheduler under load, where the run measured them: (step, title, what
+    ran where the step says, table) each."""
+    sections = []
     quantized = step_results(run, "quant-e2e").get("records")
     if quantized:
-        lines += ["", "Quantized, end to end (`quant-e2e`):", "", *quantized_table(quantized)]
+        sections.append(("quant-e2e", "Quantized end to end", None, quantized_table(quantized)))
     load = step_results(run, "load")
     if load.get("measurements"):
-        lines += ["", f"The step scheduler under load (`load`: {load['workload']['runtime']}):", "",
-                  *load_table(load["measurements"])]
-    return lines
+        sections.append(("load", "The step scheduler under load", load["workload"]["runtime"],
+                         load_table(load["measurements"])))
+    return sections
 
 
 def provenance_line(run: dict) -> str:
@@ -244,8 +245,9 @@ def performance_block(run: dict | None, source: str | None = None) -> str:
         body = [f"Measured on {provenance_line(run)}: the published recipe (29 prior evaluations, 12 decoder "
                 "steps), random full-size weights, median of timed runs after warm-up.", "", *performance_table(run),
                 "", f"diffusers 0.42.1 on an H200 (2026-11-26, same recipe): {DIFFUSERS_H200['eager_s']} s eager, "
-                f"{low}–{high} s with torch.compile, {DIFFUSERS_H200['eager_batch4_s']} s at batch 4.",
-                *measured_beyond_the_table(run)]
+                f"{low}–{high} s with torch.compile, {DIFFUSERS_H200['eager_batch4_s']} s at batch 4."]
+        for step, title, ran, table in measured_beyond_the_table(run):
+            body += ["", f"{title} (`{step}`{': ' + ran if ran else ''}):", "", *table]
         decision = fusion_decision(run)
         if decision:
             body.append(f"Fusions: {decision}.")
@@ -342,13 +344,8 @@ def summary_markdown(run: dict) -> str:
                    else "–" for key in ("cublas_fp8", "triton_fp8", "int8")),
                  f"{row['ms']['quantize'] * 1e3:.1f}" if "quantize" in row["ms"] else "–"] for row in quant])
 
-    quantized = step_results(run, "quant-e2e").get("records")
-    if quantized:
-        lines += ["", "## Quantized end to end", "", *quantized_table(quantized)]
-    load = step_results(run, "load")
-    if load.get("measurements"):
-        lines += ["", "## The step scheduler under load", "", f"{load['workload']['runtime']}.", "",
-                  *load_table(load["measurements"])]
+    for _, title, ran, table in measured_beyond_the_table(run):
+        lines += ["", f"## {title}", "", *([f"{ran}.", ""] if ran else []), *table]
 
     for found in run["steps"]:
         if found["status"] in ("failed", "timed out") and found.get("tail"):
