@@ -24,7 +24,7 @@ from engine.errors import WuerstchenError
 from engine.precision import Precision
 from engine.quantization import QuantRecipe
 from engine.recipe import Recipe
-from engine.runtime import Runtime, describe_quantization
+from engine.runtime import Runtime, describe_quantization, quantization_scheme
 from engine.shapes import check_image_size
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -60,8 +60,7 @@ def target_name(runtime: Runtime) -> str:
     quantization = runtime.quantization
     if quantization is None:
         return runtime.backend.value
-    scheme = quantization.scheme if isinstance(quantization, QuantRecipe) else quantization
-    return f"{runtime.backend.value} {scheme.value}"
+    return f"{runtime.backend.value} {quantization_scheme(quantization).value}"
 
 
 def provenance(device: torch.device) -> dict:

@@ -175,6 +175,11 @@ class Runtime:
         return f"{self.source.describe()} on {self.backend.value}, {self.device}, {self.precision.value}{quantized}"
 
 
+def quantization_scheme(quantization: Quantization | QuantRecipe) -> Quantization:
+    """The scheme of a runtime's quantization: itself, or its recipe's."""
+    return quantization.scheme if isinstance(quantization, QuantRecipe) else quantization
+
+
 def describe_quantization(quantization: Quantization | QuantRecipe) -> str:
     if isinstance(quantization, QuantRecipe):
         return quantization.describe()
@@ -256,7 +261,7 @@ def parse_quantize(value: str | Path | Quantization | QuantRecipe | None) -> Qua
 def _quantized_precision(quantization: Quantization | QuantRecipe, quantize, requested: Precision | None,
                          device: torch.device) -> Precision:
     """The precision of quantized models: as asked, or fp16 on a GPU and bf16 on the CPU; never fp32."""
-    scheme = quantization.scheme if isinstance(quantization, QuantRecipe) else quantization
+    scheme = quantization_scheme(quantization)
     if requested is Precision.FP32:
         raise WuerstchenError(f"quantize={_shown_quantize(quantize)} quantizes fp16 or bf16 weights, and dtype is "
                               "fp32: pass dtype fp16 or bf16")
