@@ -29,6 +29,8 @@ setup(
         # sm_89: tests/test_kernels_compile.py passes with it).
         "test": ["pytest>=8", "hypothesis>=6", "diffusers==0.42.1", "onnx>=1.16", "onnxscript>=0.3",
                  "onnxruntime>=1.18", "polygraphy>=0.49", "onnx-graphsurgeon>=0.6", "triton>=3.8", "matplotlib>=3.7",
+                 # the quality report's SSIM is checked against torchmetrics'
+                 "torchmetrics>=1.0",
                  # the server's tests: the service, an OpenAI client against it, and two replicas on Ray Serve
                  "fastapi>=0.110", "uvicorn>=0.29", "httpx>=0.27", "prometheus_client>=0.20", "openai>=1.30",
                  "ray[serve]>=2.60,<3"],

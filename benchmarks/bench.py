@@ -20,6 +20,7 @@ import torch
 
 from benchmarks.harness import PROMPT, instrument_diffusers, instrument_engine, matmul_peak_tflops, measure
 from benchmarks.report import BASELINES
+from engine.backends import Backend
 from engine.errors import WuerstchenError
 from engine.precision import Precision
 from engine.quantization import QuantRecipe
@@ -270,6 +271,9 @@ def run(options: Options, progress=print, targets: dict | None = None) -> list[d
                                  "backend": "torch" if target in BASELINES else runtime.backend.value,
                                  "dtype": runtime.precision.value,
                                  "quantization": quantization and describe_quantization(quantization),
+                                 # the recipe itself (layers and scan), as a recipe file holds it
+                                 "quantization_recipe": quantization.to_dict()
+                                 if isinstance(quantization, QuantRecipe) else None,
                                  "height": height, "width": width,
                                  "batch": batch, "warmup": options.warmup, "runs": options.runs,
                                  "recipe": {k: v for k, v in recipe.items() if k not in ("height", "width")}},
@@ -369,6 +373,33 @@ def load_command(args, options: Options) -> int:
     return 0
 
 
+def quality_command(args, options: Options) -> int:
+    """`wuerstchen bench --quantize ... --quality`: what each scheme costs in quality against the unquantized
+    model in the same precision (`benchmarks.quant_quality`)."""
+    from benchmarks import quant_quality
+
+    quantized = [runtime for runtime in options.runtimes if runtime.quantization is not None]
+    if not quantized:
+        raise WuerstchenError(f"--quantize {' '.join(args.quantize)}: --quality measures quantized models against "
+                              "the unquantized one; expected fp8, int8 or a recipe file")
+    other = [runtime.backend.value for runtime in options.runtimes if runtime.backend is not Backend.TORCH]
+    if other or options.baselines:
+        found = f"--backend {' '.join(dict.fromkeys(other))}" if other else f"--baseline {' '.join(options.baselines)}"
+        raise WuerstchenError(f"{found}: --quality runs on the torch backend against its own unquantized model (the "
+                              "fast backends equal it, tested)")
+    if len(options.sizes) != 1:
+        raise WuerstchenError(f"--sizes {' '.join(args.sizes)}: --quality measures at one size")
+    prompts, seeds = quant_quality.workload(args.prompts, args.seeds)
+    (height, width), = options.sizes
+    report = quant_quality.measure(replace(quantized[0], quantization=None),
+                                   [runtime.quantization for runtime in quantized], height, width, prompts, seeds,
+                                   progress=lambda line: print(line, file=sys.stderr))
+    print(quant_quality.table(report))
+    if args.json:
+        quant_quality.write_report(report, args.json)
+    return 0
+
+
 def check_outputs(args) -> None:
     """Every file the run will write, checked before anything is built or measured: a run of many minutes must
     not end in a traceback that loses its results."""
@@ -376,8 +407,11 @@ def check_outputs(args) -> None:
 
     outputs = {flag: getattr(args, flag) for flag in ("json", "csv", "plot") if getattr(args, flag)}
     unwritten = [flag for flag in outputs if flag != "json"]
-    if args.load and unwritten:
-        raise WuerstchenError(f"--{unwritten[0]} does not apply with --load: it writes --json only")
+    if args.load and args.quality:
+        raise WuerstchenError("--load and --quality are two measurements: pass one of them")
+    mode = "--load" if args.load else "--quality" if args.quality else None
+    if mode and unwritten:
+        raise WuerstchenError(f"--{unwritten[0]} does not apply with {mode}: it writes --json only")
     if args.json:
         check_output("--json", args.json)
     if args.csv:
@@ -397,6 +431,8 @@ def command(args) -> int:
     options = options_from_args(args)
     if args.load:
         return load_command(args, options)
+    if args.quality:
+        return quality_command(args, options)
     records = run(options, progress=lambda line: print(line, file=sys.stderr))
     print(table(records))
     if args.json:

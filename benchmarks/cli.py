@@ -48,6 +48,12 @@ def add_parser(commands) -> None:
                                                          "weight); default: the recipe at every --sizes entry")
     load.add_argument("--url", metavar="URL", help="send the mix over HTTP to a `wuerstchen serve` on this machine "
                                                    "(http://127.0.0.1:PORT) instead of running the model here")
+    quality = bench.add_argument_group("quality (--quality): what --quantize costs, against the unquantized model")
+    quality.add_argument("--quality", action="store_true",
+                         help="measure quality instead (on the torch backend, at the one --sizes entry): one step's "
+                              "error per stage, the images' PSNR and SSIM, the weights' and peak memory")
+    quality.add_argument("--prompts", type=int, default=4, metavar="N", help="prompts (default 4)")
+    quality.add_argument("--seeds", type=int, default=4, metavar="N", help="seeds per prompt (default 4)")
     bench.set_defaults(run=_command)
 
 

@@ -66,12 +66,35 @@ def read_mix(path: str | Path) -> list[Workload]:
         raise WuerstchenError(f"--mix={str(path)!r}: expected a non-empty JSON list of workloads")
     mix = []
     for i, entry in enumerate(entries):
-        try:
-            mix.append(Workload(**entry))
-        except TypeError as error:
-            raise WuerstchenError(f"--mix entry {i}: {error}: expected the fields {list(Workload.__annotations__)}") \
-                from None
+        fields = list(Workload.__annotations__)
+        if not isinstance(entry, dict) or not {"height", "width"} <= set(entry) or not set(entry) <= set(fields):
+            raise WuerstchenError(f"--mix entry {i}: {json.dumps(entry)[:80]}: expected an object with height, width "
+                                  f"and any of {fields[2:]}")
+        for name, value in entry.items():
+            fits, expected = _MIX_FIELDS[name]
+            if not fits(value):
+                raise WuerstchenError(f"--mix entry {i}: {name}={value!r}: expected {expected}")
+        mix.append(Workload(**entry))
     return mix
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+# Each field of a mix entry: its check, and what it expects.
+_MIX_FIELDS = {
+    "height": (_integer, "a positive integer"), "width": (_integer, "a positive integer"),
+    "prior_steps": (lambda v: v is None or _integer(v), "a positive integer, or null for the published schedule"),
+    "decoder_steps": (_integer, "a positive integer"), "images": (_integer, "a positive integer"),
+    "prior_guidance": (_number, "a finite number of 0 or more"),
+    "decoder_guidance": (_number, "a finite number of 0 or more"),
+    "weight": (lambda v: _number(v) and v > 0, "a finite number above 0"),
+}
 
 
 @dataclass

@@ -23,6 +23,7 @@ batch shape: the same bits whatever the load.
 from __future__ import annotations
 
 import math
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -193,29 +194,33 @@ class CostModel:
     def __init__(self, smoothing: float = 0.2):
         self.smoothing = smoothing
         self._seconds: dict[GroupKey, dict[int, float]] = defaultdict(dict)
+        self._lock = threading.Lock()  # the worker records while submitting threads and stats() read
 
     @staticmethod
     def _plain(key: GroupKey) -> GroupKey:
         return GroupKey(key.stage, key.shape, key.guided) if key.deterministic else key
 
     def record(self, key: GroupKey, batch: int, seconds: float) -> None:
-        by_batch = self._seconds[self._plain(key)]
-        previous = by_batch.get(batch)
-        by_batch[batch] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
+        with self._lock:
+            by_batch = self._seconds[self._plain(key)]
+            previous = by_batch.get(batch)
+            by_batch[batch] = seconds if previous is None else previous + self.smoothing * (seconds - previous)
 
     def tick_seconds(self, key: GroupKey, batch: int) -> float:
         """The measured time of a tick of `key` at the nearest measured batch size not below `batch` (else the
         largest below it); 0 where nothing was measured yet, so that nothing is refused on a guess."""
-        by_batch = self._seconds.get(self._plain(key))
-        if not by_batch:
-            return 0.0
-        if batch in by_batch:
-            return by_batch[batch]
-        above = [b for b in by_batch if b >= batch]
-        return by_batch[min(above) if above else max(by_batch)]
+        with self._lock:
+            by_batch = self._seconds.get(self._plain(key))
+            if not by_batch:
+                return 0.0
+            if batch in by_batch:
+                return by_batch[batch]
+            above = [b for b in by_batch if b >= batch]
+            return by_batch[min(above) if above else max(by_batch)]
 
     def table(self) -> dict[str, dict[int, float]]:
         """Milliseconds by group and batch size, for `stats()`."""
-        return {key.describe(): {batch: seconds * 1e3 for batch, seconds in sorted(by_batch.items())}
-                for key, by_batch in sorted(self._seconds.items(), key=lambda item: (item[0].stage, item[0].shape))
-                if by_batch}
+        with self._lock:
+            return {key.describe(): {batch: seconds * 1e3 for batch, seconds in sorted(by_batch.items())}
+                    for key, by_batch in sorted(self._seconds.items(), key=lambda item: (item[0].stage, item[0].shape))
+                    if by_batch}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ class QuantRecipe:
         if all(layers is None for layers in self.layers.values()):
             return f"{self.scheme.value} (every block Linear)"
         counts = ", ".join(f"{stage} {len(layers)}" for stage, layers in self.layers.items() if layers is not None)
-        return f"{self.scheme.value} ({counts} Linears, from a scan)"
+        return f"{self.scheme.value} ({counts} Linears, {'from a scan' if self.scan else 'as listed'})"
 
     def apply(self, stage: str, model: nn.Module) -> nn.Module:
         """The stage's model with this recipe's Linears quantized (in place)."""
@@ -217,8 +218,9 @@ def scan(config: WuerstchenConfig, prior_text: TextEncoder, prior: nn.Module, de
     `bound` defaults to the scheme's (`BOUNDS`)."""
     scheme = Quantization.parse(scheme)
     bound = BOUNDS[scheme] if bound is None else bound
-    if not (isinstance(bound, float) and math.isfinite(bound) and bound > 0):
+    if isinstance(bound, bool) or not (isinstance(bound, numbers.Real) and math.isfinite(bound) and bound > 0):
         raise WuerstchenError(f"bound={bound!r}: expected a positive number")
+    bound = float(bound)
     steps = calibration_steps(config, prior_text, prior, decoder_text, decoder, size)
     layers, record = {}, {"size": size, "prompts": list(CALIBRATION_PROMPTS), "levels": list(CALIBRATION_LEVELS)}
     for stage, model in (("prior", prior), ("decoder", decoder)):

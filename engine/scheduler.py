@@ -24,7 +24,9 @@ misses its deadline while running fails with `DeadlineExceeded`.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
+import logging
 import math
 import threading
 import time
@@ -85,13 +87,17 @@ class RequestFailed(RuntimeError):
 @dataclass(frozen=True)
 class SchedulerOptions:
     """`max_queued`: requests waiting for a slot before submit refuses; `max_in_flight`: requests holding
-    device memory at once; `memory_budget`: bytes of request state (noise, latents, images) in flight, None
-    for no limit; `policy`: see `engine.policy.PolicyOptions` (batches are padded to its buckets only where the
-    backend captures steps as CUDA graphs); `idle_exit_s`: how long the worker waits for work before it ends."""
+    device memory at once; `memory_budget`: bytes of request state (noise, latents, images) in flight on the
+    device, and `queue_memory_budget`: bytes of it waiting in the queue (a request's noise is drawn on the
+    host as it is submitted), each "auto" (half of what the device, or the host, has available when the
+    scheduler starts) or None for no limit; `policy`: see `engine.policy.PolicyOptions` (batches are padded to
+    its buckets only where the backend captures steps as CUDA graphs); `idle_exit_s`: how long the worker waits
+    for work before it ends."""
 
     max_queued: int = 256
     max_in_flight: int = 64
-    memory_budget: int | None = None
+    memory_budget: int | str | None = "auto"
+    queue_memory_budget: int | str | None = "auto"
     policy: PolicyOptions = field(default_factory=PolicyOptions)
     idle_exit_s: float = 2.0
 
@@ -100,14 +106,27 @@ class SchedulerOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise WuerstchenError(f"{name}={value!r}: expected a positive integer")
-        if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget < 1):
-            raise WuerstchenError(f"memory_budget={self.memory_budget!r}: expected a positive number of bytes or None")
+        for name in ("memory_budget", "queue_memory_budget"):
+            value = getattr(self, name)
+            if value not in (None, "auto") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise WuerstchenError(f"{name}={value!r}: expected a positive number of bytes, 'auto' or None")
+
+    def budgets(self, device: torch.device) -> tuple[int | None, int | None]:
+        """The in-flight and queue budgets in bytes, "auto" resolved now: half of what is available."""
+        from engine.memory import available_bytes
+
+        def resolved(value, where: torch.device) -> int | None:
+            return available_bytes(where) // 2 if value == "auto" else value
+
+        return resolved(self.memory_budget, device), resolved(self.queue_memory_budget, torch.device("cpu"))
 
 
 # Messages of device errors after which a CUDA context cannot be trusted again.
 STICKY_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure", "CUDA error: an illegal",
                  "misaligned address")
 
+
+LOG = logging.getLogger(__name__)
 
 # Request ids, unique in the process: captured steps shared between pipelines remember whose conditioning they
 # hold by them.
@@ -136,7 +155,10 @@ class Scheduler:
         self._in_flight: dict[int, RequestState] = {}
         self._worker: threading.Thread | None = None
         self._timings: deque[tuple] = deque()  # (key, batch, start, end) of ticks not yet in the cost model
+        self._budget, self._queue_budget = self.options.budgets(self.device)
         self._held_bytes = 0  # what the requests in flight hold (their `nbytes`)
+        self._queued_bytes = 0  # what the queued requests hold, on the host
+        self._queued_deadlines: list[tuple[float, int, RequestState]] = []  # a heap; entries may be stale
         self._tick = 0
         self._unhealthy: str | None = None
         self._counters = {"ticks": 0, "batched_ticks": 0, "rows": 0, "padding": 0, "completed": 0, "failed": 0,
@@ -159,13 +181,19 @@ class Scheduler:
             if self._unhealthy is not None:
                 self._refuse(SchedulerUnhealthy(f"the scheduler stopped after a device error ({self._unhealthy}): "
                                                 "retry on another process"))
-            budget = self.options.memory_budget
-            if budget is not None and state.nbytes > budget:
-                self._refuse(Refused(f"the request needs about {state.nbytes / 2**20:.0f} MiB in flight, more than "
-                                     f"the scheduler's memory budget of {budget / 2**20:.0f} MiB"))
+            for budget, where in ((self._budget, "in flight"), (self._queue_budget, "queued")):
+                if budget is not None and state.nbytes > budget:
+                    self._refuse(Refused(f"the request holds about {state.nbytes / 2**20:.0f} MiB {where}, more than "
+                                         f"the scheduler's memory budget of {budget / 2**20:.0f} MiB for it"))
+            if len(self._queue) >= self.options.max_queued or self._queue_over(state.nbytes):
+                self._queue = self._without_cancelled(self._queue)
             if len(self._queue) >= self.options.max_queued:
                 self._refuse(QueueFull(f"the queue holds {len(self._queue)} requests, its limit: retry later",
                                        retry_after=max(1.0, self._backlog_seconds() / 2)))
+            if self._queue_over(state.nbytes):
+                self._refuse(QueueFull(f"the queue holds {self._queued_bytes / 2**20:.0f} MiB of requests, and this "
+                                       f"one would pass its memory budget of {self._queue_budget / 2**20:.0f} MiB: "
+                                       "retry later", retry_after=max(1.0, self._backlog_seconds() / 2)))
             state.submitted = state.stage_started = self.clock()
             if state.timeout is not None:
                 state.deadline = state.submitted + state.timeout
@@ -177,6 +205,9 @@ class Scheduler:
                         f"{state.deadline - state.submitted:.2f} s"))
             state.future.scheduler = self
             self._queue.append(state)
+            self._queued_bytes += state.nbytes
+            if math.isfinite(state.deadline):
+                heapq.heappush(self._queued_deadlines, (state.deadline, state.request_id, state))
             if start:
                 self._ensure_worker()
             self._lock.notify_all()
@@ -200,6 +231,7 @@ class Scheduler:
             waiting = [self._tick - state.ready_tick for state in self._in_flight.values()]
             return {
                 "queued": len(self._queue), "in_flight": len(self._in_flight), "healthy": self.healthy,
+                "queued_bytes": self._queued_bytes, "in_flight_bytes": self._held_bytes,
                 "oldest_wait_ticks": max(waiting, default=0),
                 "batch_occupancy": counters["rows"] / max(counters["batched_ticks"], 1),
                 "padding_waste": counters["padding"] / batched_rows if batched_rows else 0.0,
@@ -222,22 +254,46 @@ class Scheduler:
     def _work(self) -> None:
         torch.set_grad_enabled(False)  # grad mode is per thread
         WORKER.scheduler = self
-        while True:
-            with self._lock:
-                if not self._queue and not self._in_flight:
-                    self._lock.wait(self.options.idle_exit_s)
+        try:
+            while True:
+                with self._lock:
                     if not self._queue and not self._in_flight:
-                        self._worker = None
-                        return
-            self.step()
+                        self._lock.wait(self.options.idle_exit_s)
+                        if not self._queue and not self._in_flight:
+                            self._worker = None
+                            return
+                try:
+                    self.step()
+                except Exception as error:  # noqa: BLE001 — the worker must outlive what escapes a tick
+                    self._escaped(error)
+        finally:
+            with self._lock:  # an exit by anything else: the next submit starts a new worker
+                if self._worker is threading.current_thread():
+                    self._worker = None
+
+    def _escaped(self, error: Exception) -> None:
+        """An exception outside the guarded work of a tick: a sticky device error met where the device's work
+        is read back (a timing event, the finiteness flags) stops the scheduler; anything else is a defect
+        here, and fails the requests in flight, which cannot be trusted to be consistent, while the worker
+        goes on with the queue."""
+        if is_sticky(error):
+            self._stop(error)
+            return
+        LOG.error("a scheduler tick failed", exc_info=error)
+        with self._lock:
+            doomed = list(self._in_flight.values())
+        for state in doomed:
+            self._fail(state, RequestFailed(f"the scheduler failed while the request ran "
+                                            f"({type(error).__name__}: {error}): retry it"))
 
     def step(self) -> bool:
         """One tick: admit, drop what is cancelled or late, run the policy's choice, check the last tick's
         finiteness flags, move requests on. False when there was nothing to run."""
         with self._lock:
             self._tick += 1
-            self._admit()
             now = self.clock()
+            late = self._late_in_queue(now)
+            self._admit()
             for state in list(self._in_flight.values()):
                 if state.future.cancelled():
                     self._drop(state, "cancelled")
@@ -245,6 +301,7 @@ class Scheduler:
                     self._fail(state, DeadlineExceeded(f"the request missed its deadline by {now - state.deadline:.2f} "
                                                        f"s in its {state.stage.name.lower()} stage"))
             states = list(self._in_flight.values())
+        self._settle_late(late, now)
         self._record_timings()
         # The flags of the last tick are read after this tick's work is queued, so reading them never leaves
         # the device idle.
@@ -293,14 +350,47 @@ class Scheduler:
             self._timings.popleft()
             self.costs.record(key, batch, seconds)
 
+    def _queue_over(self, nbytes: int) -> bool:
+        """Whether queueing `nbytes` more would pass the queue's budget (one request is always taken)."""
+        return self._queue_budget is not None and bool(self._queue) and \
+            self._queued_bytes + nbytes > self._queue_budget
+
+    def _without_cancelled(self, queue: deque[RequestState]) -> deque[RequestState]:
+        """`queue` less its cancelled requests (under the lock): a client gone never holds a queued slot."""
+        kept = deque(state for state in queue if not state.future.cancelled())
+        self._counters["cancelled"] += len(queue) - len(kept)
+        self._queued_bytes = sum(state.nbytes for state in kept)
+        return kept
+
+    def _late_in_queue(self, now: float) -> list[RequestState]:
+        """Take the queued requests past their deadline out of the queue (under the lock) and return them, to
+        be failed outside it; a heap of the queued deadlines keeps a tick's look O(log n)."""
+        late = []
+        while self._queued_deadlines and self._queued_deadlines[0][0] < now:
+            _, _, state = heapq.heappop(self._queued_deadlines)
+            if not state.future.done() and state.request_id not in self._in_flight:  # still queued
+                late.append(state)
+        if late:
+            gone = {state.request_id for state in late}
+            self._queue = deque(state for state in self._queue if state.request_id not in gone)
+            self._queued_bytes = sum(state.nbytes for state in self._queue)
+            self._counters["failed"] += len(late)
+        return late
+
+    def _settle_late(self, late: list[RequestState], now: float) -> None:
+        for state in late:
+            self._settle(state, error=DeadlineExceeded(f"the request missed its deadline by "
+                                                       f"{now - state.deadline:.2f} s while queued"))
+
     def _admit(self) -> None:
         """Queued requests into the in-flight set while it has room; their tensors move to the device now."""
-        budget = self.options.memory_budget
+        budget = self._budget
         while self._queue and len(self._in_flight) < self.options.max_in_flight:
             state = self._queue[0]
             if budget is not None and self._in_flight and self._held_bytes + state.nbytes > budget:
                 break
             self._queue.popleft()
+            self._queued_bytes -= state.nbytes
             if state.future.cancelled():
                 self._counters["cancelled"] += 1
                 continue
@@ -368,7 +458,11 @@ class Scheduler:
         stage, step = state.stage, state.step
         done = state.advance(self._tick, now)
         if denoising is not None:
-            state.future.report(stage.name.lower(), step + 1, denoising.steps)
+            try:
+                state.future.report(stage.name.lower(), step + 1, denoising.steps)
+            except Exception as error:  # noqa: BLE001 — a progress callback's failure is its request's own
+                self._fail(state, error)
+                return
         if not done:
             return
         with self._lock:
@@ -433,7 +527,8 @@ class Scheduler:
             doomed = [*self._in_flight.values(), *self._queue]
             self._in_flight.clear()
             self._queue.clear()
-            self._held_bytes = 0
+            self._queued_deadlines.clear()
+            self._held_bytes = self._queued_bytes = 0
             self._counters["failed"] += len(doomed)
         for state in doomed:
             self._settle(state, error=RequestFailed(f"the device failed while the request ran ({self._unhealthy}): "

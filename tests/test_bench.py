@@ -304,6 +304,24 @@ def test_bad_load_arguments_are_one_line(capsys, args, message):
     assert err.count("\n") == 1 and message in err
 
 
+@pytest.mark.parametrize("entry, message", [
+    ({"height": 128, "width": 128, "weight": 0}, "--mix entry 1: weight=0: expected a finite number above 0"),
+    ({"height": 128, "width": 128, "images": 0}, "--mix entry 1: images=0: expected a positive integer"),
+    ({"height": 128, "width": 128, "prior_steps": 2.5}, "--mix entry 1: prior_steps=2.5: expected a positive integer"),
+    ({"height": 128, "width": 128, "prior_guidance": float("nan")}, "prior_guidance=nan: expected a finite number"),
+    ({"height": 128, "width": 128, "decoder_steps": True}, "decoder_steps=True: expected a positive integer"),
+    ({"height": 128, "width": 128, "colour": "red"}, "--mix entry 1: {\"height\": 128, \"width\": 128, \"colour\": "),
+    ({"height": 128}, "--mix entry 1: {\"height\": 128}: expected an object with height, width and any of"),
+    ([128, 128], "--mix entry 1: [128, 128]: expected an object"),
+])
+def test_each_bad_mix_field_is_named(tmp_path, capsys, entry, message):
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps([{"height": 128, "width": 128}, entry]))
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", "--load", "--mix", str(mix)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
 def test_the_load_benchmark_runs_over_http_against_a_server_on_this_machine(tmp_path, capsys):
     pytest.importorskip("fastapi")
     from engine import Recipe, WuerstchenPipeline
@@ -440,6 +458,9 @@ def test_a_quantized_bench_measures_the_quantized_engine_beside_diffusers(tmp_pa
     assert list(records) == ["torch", "torch int8", "diffusers"]
     workloads = {target: record["workload"] for target, record in records.items()}
     assert workloads["torch int8"]["quantization"].startswith("int8 (prior ")
+    recipe = QuantRecipe.from_dict(workloads["torch int8"]["quantization_recipe"])  # the recipe file's form
+    assert recipe.scheme.value == "int8" and recipe.scan["prior"]["step_error"] > 0
+    assert workloads["torch"]["quantization_recipe"] is None
     assert workloads["torch int8"]["backend"] == "torch" and workloads["torch int8"]["dtype"] == "bf16"
     assert workloads["torch"]["quantization"] is None and workloads["diffusers"]["quantization"] is None
     weights = {target: record["results"]["weights_gb"] for target, record in records.items()}

@@ -206,6 +206,19 @@ def test_fp8_linear_long_inputs_and_outliers():
     assert_output_close(out[5], (b.double() + r[5].double()).to(torch.bfloat16))  # the zero row: bias + residual
 
 
+@pytest.mark.parametrize("k", [1000, 5000])
+def test_int8_weight_only_linear_long_inputs_zero_rows_and_outliers(k):
+    """Many K tiles, a zero input row, an input with one huge value, and a weight row with one outlier (its
+    scale set by it, the rest of the row rounding to few levels), against the reference."""
+    x, w, b, r = operands(40, 72, k, torch.bfloat16, True, True)
+    x[5], x[9, 123] = 0.0, 3e3
+    w[7, k // 2] = 50.0
+    weight = quantize_weight(w, torch.int8)
+    out = int8_weight_only_linear(x, weight.data, weight.scale, b, r)
+    assert_output_close(out, int8_weight_only_linear_ref(x, weight.data, weight.scale, b, r))
+    assert_output_close(out[5], (b.double() + r[5].double()).to(torch.bfloat16))  # the zero row: bias + residual
+
+
 @needs_fp8
 def test_fp8_linear_multiplies_every_e4m3_value_exactly():
     """The outer product of all 254 finite e4m3 values with themselves: each product has at most 8

@@ -157,6 +157,19 @@ def test_full_size_weights_take_at_most_55_percent_of_bf16():
         assert weight_bytes(quantize(model, Quantization.FP8)) <= 0.55 * bf16
 
 
+@pytest.mark.parametrize("bound", [True, 0, -0.5, float("nan"), "0.02"])
+def test_a_scan_bound_is_a_positive_number(models, bound):
+    config, m = models
+    with pytest.raises(WuerstchenError, match=rf"^bound={bound!r}: expected a positive number$"):
+        scan(config, m.prior_text, m.prior, m.decoder_text, m.decoder, "int8", SCAN_SIZE, bound=bound)
+
+
+def test_a_recipe_says_whether_a_scan_chose_its_layers(recipes):
+    assert recipes[Quantization.INT8].describe().endswith(" Linears, from a scan)")
+    listed = QuantRecipe(Quantization.INT8, {"prior": ("layers.0.res.fc1",), "decoder": ()})
+    assert listed.describe() == "int8 (prior 1, decoder 0 Linears, as listed)"
+
+
 # --- quantize= on load -----------------------------------------------------------------------------------------
 
 CALL = dict(height=128, width=128, prior_num_inference_steps=3, num_inference_steps=3, output_type="np")

@@ -19,6 +19,7 @@ from engine.scheduler import (
     DeadlineExceeded,
     DeadlineInfeasible,
     QueueFull,
+    Refused,
     RequestFailed,
     Scheduler,
     SchedulerOptions,
@@ -215,6 +216,22 @@ def test_cancellation_frees_the_slot_at_the_next_tick():
     assert len(runner.ticks) == ticks  # nothing of it ran again
 
 
+def test_a_cancelled_or_late_queued_request_frees_its_queued_slot_at_once():
+    scheduler, _, clock = _scheduler(SchedulerOptions(max_queued=1, max_in_flight=1))
+    scheduler.submit(_request(scheduler, prior_steps=50), start=False)
+    scheduler.step()  # in flight; the next waits in the queue
+    queued = scheduler.submit(_request(scheduler), start=False)
+    assert scheduler.stats()["queued"] == 1 and queued.cancel()
+    late = scheduler.submit(_request(scheduler, timeout=1.0), start=False)  # the cancelled one's slot, at once
+    assert scheduler.stats()["queued"] == 1 and not late.done()
+    clock.now += 2.0
+    scheduler.step()  # still queued behind the long request, and past its deadline
+    with pytest.raises(DeadlineExceeded, match=r"the request missed its deadline by 1\.\d\d s while queued"):
+        late.result(timeout=0)
+    stats = scheduler.stats()
+    assert stats["queued"] == 0 and stats["cancelled"] == 1 and stats["failed"] == 1
+
+
 def test_ten_thousand_random_cancels_leak_nothing():
     scheduler, _, _ = _scheduler(SchedulerOptions(max_queued=20_000, max_in_flight=64))
     rng = random.Random(0)
@@ -249,6 +266,28 @@ def test_refusals_are_typed_and_immediate():
     with pytest.raises(DeadlineInfeasible, match=r"the request needs about 0\.\d+ s .* its deadline is in 0\.01 s"):
         scheduler.submit(_request(scheduler, timeout=0.01), start=False)
     assert scheduler.stats()["refused"] == {"queue_full": 1, "deadline": 1}
+
+
+def test_memory_budgets_bound_what_is_queued_and_what_is_in_flight():
+    # A fake request holds 28 bytes: 1 + 3 prior draws and 1 + 2 decoder draws, fp32.
+    scheduler, _, _ = _scheduler(SchedulerOptions(memory_budget=60, queue_memory_budget=60))
+    first, second = (scheduler.submit(_request(scheduler), start=False) for _ in range(2))
+    with pytest.raises(QueueFull, match=r"the queue holds 0 MiB of requests, and this one would pass its memory "
+                                        r"budget of 0 MiB: retry later"):
+        scheduler.submit(_request(scheduler), start=False)
+    with pytest.raises(Refused, match=r"the request holds about 0 MiB in flight, more than the scheduler.s memory"):
+        scheduler.submit(_request(scheduler, prior_steps=20), start=False)  # 96 bytes: never fits
+    scheduler.step()  # both admitted: 56 bytes in flight
+    assert scheduler.stats()["queued_bytes"] == 0 and scheduler.stats()["in_flight_bytes"] == 56
+    third = scheduler.submit(_request(scheduler), start=False)
+    scheduler.step()
+    assert scheduler.stats()["queued"] == 1  # 84 bytes would pass the in-flight budget: it waits
+    _drain(scheduler)
+    assert [f.result(timeout=0) for f in (first, second, third)] == [f.request_id for f in (first, second, third)]
+    assert scheduler.stats()["in_flight_bytes"] == 0 == scheduler.stats()["queued_bytes"]
+    for name, value in (("memory_budget", "lots"), ("queue_memory_budget", 0), ("memory_budget", True)):
+        with pytest.raises(WuerstchenError, match=rf"^{name}={value!r}: expected a positive number of bytes, 'auto'"):
+            SchedulerOptions(**{name: value})
 
 
 def test_a_request_that_misses_its_deadline_fails_and_frees_its_slot():
@@ -286,6 +325,45 @@ def test_a_sticky_device_error_fails_everything_with_a_retriable_error():
     assert not scheduler.healthy and scheduler.stats()["healthy"] is False
     with pytest.raises(SchedulerUnhealthy, match="the scheduler stopped after a device error"):
         scheduler.submit(_request(scheduler), start=False)
+
+
+def test_a_raising_progress_callback_fails_its_request_alone():
+    scheduler, _, _ = _scheduler()
+    bad, good = (scheduler.submit(_request(scheduler), start=False) for _ in range(2))
+
+    def broken(stage, step, steps):
+        raise KeyError("a progress callback's bug")
+
+    bad.add_progress_callback(broken)
+    _drain(scheduler)
+    with pytest.raises(KeyError, match="a progress callback's bug"):
+        bad.result(timeout=0)
+    assert good.result(timeout=0) == good.request_id and scheduler.stats()["failed"] == 1
+
+
+@pytest.mark.parametrize("sticky", [False, True])
+def test_the_worker_outlives_an_exception_that_escapes_a_tick(sticky, monkeypatch):
+    """What escapes a tick's guarded work (here: reading the finiteness flags back) fails what is in flight; a
+    sticky device error met there stops the scheduler as one met in a step does. The worker goes on."""
+    scheduler, _, _ = _scheduler(SchedulerOptions(idle_exit_s=0.05))
+    message = "CUDA error: an illegal memory access was encountered" if sticky else "a defect"
+    failures = iter([RuntimeError(message)])
+
+    def check_finite(pending):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(scheduler, "_check_finite", check_finite)
+    first = scheduler.submit(_request(scheduler))
+    with pytest.raises(RequestFailed, match="the device failed" if sticky else
+                       r"the scheduler failed while the request ran \(RuntimeError: a defect\): retry it"):
+        first.result(timeout=10)
+    if sticky:
+        assert not scheduler.healthy
+        return
+    again = scheduler.submit(_request(scheduler))  # served by the same worker
+    assert again.result(timeout=10) == again.request_id and scheduler.healthy
 
 
 def test_the_cost_model_uses_the_nearest_measured_batch():

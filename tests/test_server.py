@@ -396,7 +396,7 @@ def test_a_sticky_device_error_fails_its_requests_health_and_newcomers_with_503(
 
 def test_an_api_key_guards_everything_but_the_probes(demo):
     with serving(sibling(demo), warmup=None, api_key="s3cret") as (client, _):
-        for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer clé".encode()}):
             response = client.post(IMAGES, json={"prompt": "a"}, headers=headers)
             assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
         assert client.get("/metrics").status_code == 401

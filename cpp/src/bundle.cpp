@@ -1,6 +1,7 @@
 #include "bundle.hpp"
 
 #include <fstream>
+#include <regex>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -108,21 +109,31 @@ fs::path checked_path(const fs::path& root, const std::string& relative, const s
   return resolved;
 }
 
+// A shape entry, as the Python reader takes it: a size from 1 to 2^20, or one of the bundle's symbols with an
+// optional factor ("batch", "16*dh").
+Dim parse_dim(const Field& field) {
+  constexpr int64_t kMaxSize = int64_t{1} << 20;
+  const char* expected = "a size from 1 to 1048576 or a symbol such as \"batch\" or \"16*dh\" (batch, ph, pw, dh, dw)";
+  const json& dim = field.raw();
+  if (dim.is_number_integer()) {
+    if (dim.get<int64_t>() < 1 || dim.get<int64_t>() > kMaxSize) field.fail(expected);
+    return {dim.get<int64_t>(), ""};
+  }
+  static const std::regex form("(?:([1-9][0-9]{0,6})\\*)?(batch|ph|pw|dh|dw)");
+  std::smatch match;
+  const std::string text = dim.is_string() ? dim.get<std::string>() : "";
+  if (!std::regex_match(text, match, form)) field.fail(expected);
+  const int64_t factor = match[1].matched ? std::stoll(match[1].str()) : 1;
+  if (factor > kMaxSize) field.fail(expected);
+  return {factor, match[2].str()};
+}
+
 std::vector<TensorSpec> tensor_specs(const Field& list) {
   std::vector<TensorSpec> specs;
   for (size_t i = 0; i < list.size(); ++i) {
     TensorSpec spec{list[i]["name"].text(), list[i]["dtype"].text(), {}};
     const Field shape = list[i]["shape"];
-    for (size_t d = 0; d < shape.size(); ++d) {
-      const json& dim = shape[d].raw();
-      if (dim.is_number_integer() && dim.get<int64_t>() > 0) {
-        spec.dims.push_back(std::to_string(dim.get<int64_t>()));
-      } else if (dim.is_string() && !dim.get<std::string>().empty()) {
-        spec.dims.push_back(dim.get<std::string>());
-      } else {
-        shape[d].fail("a positive size or a symbol");
-      }
-    }
+    for (size_t d = 0; d < shape.size(); ++d) spec.dims.push_back(parse_dim(shape[d]));
     if (spec.dtype != "float32" && spec.dtype != "int64") {
       list[i]["dtype"].fail("float32 or int64 (this engine runs float32 bundles)");
     }

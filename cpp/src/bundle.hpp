@@ -16,10 +16,17 @@ namespace wuerstchen {
 
 constexpr int kBundleFormatVersion = 1;
 
+// One dimension of a graph's tensor: factor · symbol ("4*dh" → 4, "dh"; "batch" → 1, "batch"), or a fixed
+// size (77 → 77, "").
+struct Dim {
+  int64_t factor = 1;
+  std::string symbol;
+};
+
 struct TensorSpec {
   std::string name;
-  std::string dtype;              // "float32" or "int64" in the bundles this engine runs
-  std::vector<std::string> dims;  // each a number ("77") or a symbol with an optional factor ("batch", "4*dh")
+  std::string dtype;      // "float32" or "int64" in the bundles this engine runs
+  std::vector<Dim> dims;
 };
 
 struct GraphSpec {

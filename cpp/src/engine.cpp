@@ -49,6 +49,22 @@ Tensor concat(const std::vector<const Tensor*>& parts) {
 
 // --------------------------------------------------------------------------------------------- graphs
 
+// "[2, 16, 6, 6]", and a manifest's "[batch, 16, ph, pw]".
+std::string shown(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t d = 0; d < shape.size(); ++d) out += (d ? ", " : "") + std::to_string(shape[d]);
+  return out + "]";
+}
+std::string shown(const std::vector<Dim>& dims) {
+  std::string out = "[";
+  for (size_t d = 0; d < dims.size(); ++d) {
+    const Dim& dim = dims[d];
+    out += (d ? ", " : "") + (dim.symbol.empty() ? std::to_string(dim.factor)
+                                                 : (dim.factor == 1 ? "" : std::to_string(dim.factor) + "*") + dim.symbol);
+  }
+  return out + "]";
+}
+
 Ort::Env& ort_env() {
   static Ort::Env env(ORT_LOGGING_LEVEL_ERROR, "wuerstchen");
   return env;
@@ -67,7 +83,10 @@ class Graph {
   }
 
   std::vector<Tensor> operator()(const std::vector<const Tensor*>& inputs) const {
-    if (inputs.size() != spec_.inputs.size()) throw Error("graph " + name_ + ": wrong number of inputs");
+    if (inputs.size() != spec_.inputs.size()) {
+      throw Error("graph " + name_ + ": " + std::to_string(inputs.size()) + " inputs given, the manifest lists " +
+                  std::to_string(spec_.inputs.size()));
+    }
     std::map<std::string, int64_t> symbols;
     for (size_t i = 0; i < inputs.size(); ++i) learn(spec_.inputs[i], inputs[i]->shape, symbols);
     const Ort::MemoryInfo memory = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
@@ -128,32 +147,25 @@ class Graph {
 #endif
   }
 
-  // "16*dh" → (16, "dh"); "batch" → (1, "batch"); "77" → (77, "").
-  static std::pair<int64_t, std::string> parse_dim(const std::string& dim) {
-    const size_t star = dim.find('*');
-    const std::string head = star == std::string::npos ? dim : dim.substr(0, star);
-    const bool numeric = !head.empty() && head.find_first_not_of("0123456789") == std::string::npos;
-    if (star != std::string::npos) return {std::stoll(head), dim.substr(star + 1)};
-    if (numeric) return {std::stoll(head), ""};
-    return {1, dim};
-  }
-
   void learn(const TensorSpec& spec, const std::vector<int64_t>& shape, std::map<std::string, int64_t>& symbols) const {
     bool ok = shape.size() == spec.dims.size();
     for (size_t d = 0; ok && d < shape.size(); ++d) {
-      const auto [factor, symbol] = parse_dim(spec.dims[d]);
-      if (!symbol.empty() && !symbols.count(symbol) && shape[d] % factor == 0) symbols[symbol] = shape[d] / factor;
-      ok = shape[d] == factor * (symbol.empty() ? 1 : symbols[symbol]);
+      const Dim& dim = spec.dims[d];
+      if (!dim.symbol.empty() && !symbols.count(dim.symbol) && shape[d] % dim.factor == 0) symbols[dim.symbol] = shape[d] / dim.factor;
+      ok = shape[d] == dim.factor * (dim.symbol.empty() ? 1 : symbols[dim.symbol]);
     }
-    if (!ok) throw Error("graph " + name_ + ": input " + spec.name + " does not have the manifest's shape");
+    if (!ok) {
+      throw Error("graph " + name_ + ": input " + spec.name + " has shape " + shown(shape) + ", expected the manifest's " + shown(spec.dims));
+    }
   }
 
   std::vector<int64_t> resolve(const TensorSpec& spec, const std::map<std::string, int64_t>& symbols) const {
     std::vector<int64_t> shape;
-    for (const std::string& dim : spec.dims) {
-      const auto [factor, symbol] = parse_dim(dim);
-      if (!symbol.empty() && !symbols.count(symbol)) throw Error("graph " + name_ + ": output dim " + dim + " is unknown");
-      shape.push_back(factor * (symbol.empty() ? 1 : symbols.at(symbol)));
+    for (const Dim& dim : spec.dims) {
+      if (!dim.symbol.empty() && !symbols.count(dim.symbol)) {
+        throw Error("graph " + name_ + ": output " + spec.name + " has dimension " + dim.symbol + ", which no input has");
+      }
+      shape.push_back(dim.factor * (dim.symbol.empty() ? 1 : symbols.at(dim.symbol)));
     }
     return shape;
   }
@@ -311,9 +323,14 @@ Image Engine::generate(const Request& request) const {
 
     // 4. VQGAN (it scales the latents and clamps the pixels itself), then CHW → HWC.
     const Tensor images = std::move((*graphs_.at("vqgan_decode"))({&latents})[0]);
-    Image image{static_cast<int>(images.shape[2]), static_cast<int>(images.shape[3]), {}};
+    const std::vector<int64_t> expected = {1, 3, r.height, r.width};
+    if (images.shape != expected) {
+      // Only a manifest whose config disagrees with its graphs (latent_dim_scale, the VQGAN's scale) gets here.
+      throw Error("vqgan_decode made images of shape " + shown(images.shape) + ", expected " + shown(expected) +
+                  ": the manifest's config does not match its graphs");
+    }
+    Image image{r.height, r.width, {}};
     const size_t pixels = static_cast<size_t>(image.height) * image.width;
-    if (images.shape[1] != 3) throw Error("vqgan_decode makes " + std::to_string(images.shape[1]) + " channels, expected 3 (RGB)");
     image.rgb.resize(pixels * 3);
     for (size_t p = 0; p < pixels; ++p) {
       for (size_t ch = 0; ch < 3; ++ch) image.rgb[p * 3 + ch] = images.data[ch * pixels + p];

@@ -1,6 +1,6 @@
 # Runs the sample with arguments that must fail: exit status non-zero, stderr one line "error: ..." that
 # matches EXPECT. With MUTATE, first copies BUNDLE to WORK and breaks it (format_version, altered, missing,
-# outside, symlink), then points --bundle at the copy.
+# outside, symlink, json, dim_zero, latent_scale), then points --bundle at the copy.
 #   cmake -DSAMPLE=... -DARGS="a|b" -DEXPECT=regex [-DMUTATE=kind -DBUNDLE=dir -DWORK=dir] -P expect_error.cmake
 string(REPLACE "|" ";" ARGS "${ARGS}")
 if(MUTATE)
@@ -20,6 +20,10 @@ if(MUTATE)
     file(CREATE_LINK "${BUNDLE}/prior_text.onnx" "${WORK}/prior_text.onnx" SYMBOLIC)
   elseif(MUTATE STREQUAL "json")
     string(APPEND manifest "}")
+  elseif(MUTATE STREQUAL "dim_zero")
+    string(REPLACE "\"ph\",\n" "\"0*ph\",\n" manifest "${manifest}")
+  elseif(MUTATE STREQUAL "latent_scale")
+    string(REPLACE "\"latent_dim_scale\": 10.67" "\"latent_dim_scale\": 16" manifest "${manifest}")
   endif()
   file(WRITE "${WORK}/manifest.json" "${manifest}")
   list(APPEND ARGS --bundle "${WORK}")

@@ -103,7 +103,9 @@ int main(int argc, char** argv) {
     if (flags.count("--prior-steps") && request.prior_steps <= 0) {
       throw std::invalid_argument("--prior-steps=" + flags["--prior-steps"] + ": expected a positive integer");
     }
-    if (request.prior_guidance < 0 || request.decoder_guidance < 0) throw std::invalid_argument("--guidance: expected 0 or more");
+    for (auto [name, value] : {std::pair{"--guidance", request.prior_guidance}, std::pair{"--decoder-guidance", request.decoder_guidance}}) {
+      if (value < 0) throw std::invalid_argument(std::string(name) + "=" + flags[name] + ": expected 0 or more");
+    }
 
     wuerstchen::Pipeline pipeline(flag("--bundle", ""), options);
     const std::vector<uint8_t> rgb = pipeline.generate(request);

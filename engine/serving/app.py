@@ -190,7 +190,8 @@ class RequestContext:
         try:
             key = self.options.api_key
             if key and scope["path"] not in self.OPEN and \
-                    not secrets.compare_digest(headers.get("authorization", ""), f"Bearer {key}"):
+                    not secrets.compare_digest(headers.get("authorization", "").encode("utf-8", "surrogatepass"),
+                                               f"Bearer {key}".encode("utf-8", "surrogatepass")):
                 error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                                  code="invalid_api_key")
                 await error_response(error)(scope, receive, send_with_id)
@@ -264,8 +265,20 @@ async def result_unless_disconnected(request: Request, future):
     return result.result()
 
 
+async def submitted(service: Service, job: Job):
+    """`service.submit(job)` off the event loop (a request's noise is drawn as it is queued: for a large one,
+    seconds that every other connection would wait); a handler cancelled meanwhile cancels the request once it
+    is queued."""
+    submission = asyncio.ensure_future(asyncio.to_thread(service.submit, job))
+    try:
+        return await asyncio.shield(submission)
+    except asyncio.CancelledError:
+        submission.add_done_callback(lambda done: done.exception() is None and done.result().cancel())
+        raise
+
+
 async def _output(request: Request, service: Service, job: Job):
-    future = service.submit(job)
+    future = await submitted(service, job)
     try:
         output = await result_unless_disconnected(request, future)
     except ClientGone:
@@ -374,7 +387,7 @@ def create_app(service: Service) -> FastAPI:
         job = check(body, 1, _seed(body), options, service.pipe.config)
         headers = {"X-Seed": str(job.seed)}
         if body.stream:
-            future = service.submit(job)
+            future = await submitted(service, job)
             return StreamingResponse(_progress_events(service, job, future), media_type="text/event-stream",
                                      headers=headers | {"Cache-Control": "no-cache"})
         try:

@@ -57,6 +57,8 @@ class _SchedulerCollector:
         gauges = {
             "queued_requests": ("requests waiting for a slot", stats["queued"]),
             "in_flight_requests": ("requests on the device", stats["in_flight"]),
+            "queued_bytes": ("bytes of request state (noise, images) waiting in the queue", stats["queued_bytes"]),
+            "in_flight_bytes": ("bytes of request state on the device", stats["in_flight_bytes"]),
             "oldest_wait_ticks": ("ticks the longest-waiting request in flight has waited", stats["oldest_wait_ticks"]),
             "batch_occupancy": ("mean rows per batched denoising step", stats["batch_occupancy"]),
             "padding_waste_ratio": ("share of batched rows that were padding", stats["padding_waste"]),

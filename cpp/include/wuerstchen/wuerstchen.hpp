@@ -5,6 +5,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "wuerstchen.h"
@@ -60,7 +61,11 @@ class Pipeline {
     r.prior_steps = request.prior_steps, r.decoder_steps = request.decoder_steps;
     r.prior_guidance = request.prior_guidance, r.decoder_guidance = request.decoder_guidance;
     r.seed = request.seed;
-    if (r.height == 0 || r.width == 0) throw std::invalid_argument("height and width: give the image size (the buffer's)");
+    for (auto [name, value] : {std::pair{"height", r.height}, std::pair{"width", r.width}}) {
+      if (value <= 0) {
+        throw std::invalid_argument(std::string(name) + "=" + std::to_string(value) + ": expected the image's size in pixels (the buffer's)");
+      }
+    }
     return r;
   }
 
