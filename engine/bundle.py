@@ -41,6 +41,10 @@ TENSOR_DTYPES = {precision.onnx_name: precision.torch_dtype for precision in Pre
 TENSOR_DTYPE_NAMES = {dtype: name for name, dtype in TENSOR_DTYPES.items()}
 SYMBOLIC_DIM = re.compile(r"^([1-9][0-9]*\*)?(batch|ph|pw|dh|dw)$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What a manifest may hold (the first block is what it must hold), and what each graph entry holds.
+MANIFEST_KEYS = frozenset({"format", "format_version", "dtype", "config", "sizes", "tokenizers", "graphs", "files",
+                           "producer", "opset", "fp32_islands", "sources", "symbols", "schedule", "quantization"})
+GRAPH_KEYS = frozenset({"file", "external_data", "inputs", "outputs"})
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -153,6 +157,10 @@ class _Schema:
         for key in ("dtype", "config", "sizes", "tokenizers", "graphs", "files"):
             if key not in manifest:
                 raise WuerstchenError(f"{self.where}: the key {key!r} is missing")
+        unknown = sorted(set(manifest) - MANIFEST_KEYS)
+        if unknown:
+            raise WuerstchenError(f"{self.where}: unknown keys {unknown}: a version {FORMAT_VERSION} manifest has "
+                                  f"{sorted(MANIFEST_KEYS)}")
         if manifest["dtype"] not in {p.onnx_name for p in Precision}:
             self.fail("dtype", manifest["dtype"], f"one of {', '.join(p.onnx_name for p in Precision)}")
         config = self._config(manifest["config"])
@@ -210,6 +218,9 @@ class _Schema:
             for key in ("file", "external_data", "inputs", "outputs"):
                 if key not in entry:
                     raise WuerstchenError(f"{self.where}: {where}: the key {key!r} is missing")
+            if len(entry) != 4:
+                raise WuerstchenError(f"{self.where}: {where}: unknown keys {sorted(set(entry) - GRAPH_KEYS)}: a "
+                                      f"graph has {sorted(GRAPH_KEYS)}")
             if not isinstance(entry["file"], str):
                 self.fail(f"{where}.file", entry["file"], "a file name")
             data = entry["external_data"]

@@ -250,8 +250,11 @@ def generate(args: argparse.Namespace) -> int:
         if args.seed is None and args.num_images > 1:
             raise WuerstchenError("--num-images with --embeddings needs --seed: each saved generator state continues "
                                   "one image")
-        embeddings = embeddings.repeat_interleave(args.num_images, dim=0)  # one row per image
-        count = embeddings.shape[0]
+        count = embeddings.shape[0] * args.num_images  # image i decodes embedding i // --num-images
+        chunk = check_decoder_request(config, (min(count, args.batch_size), *embeddings.shape[1:]),
+                                      num_images_per_prompt=1, **decoder_args)
+        check_fits(request_bytes(config, chunk.shapes, runtime.dtype, None,
+                                 (len(chunk.grid) - 1, chunk.guidance > 1)), runtime.device)
     else:
         prior = check_prior_request(
             config, prompt=args.prompt, negative_prompt=args.negative_prompt, height=recipe.height,
@@ -308,7 +311,7 @@ def generate(args: argparse.Namespace) -> int:
             _add(timings, output.timings)
             saved.append((chunk_embeddings, [g.get_state() for g in generators]))  # copies of the states
         else:
-            chunk_embeddings = embeddings[rows]
+            chunk_embeddings = embeddings[torch.arange(rows.start, rows.stop) // args.num_images]
         if paths:
             output = pipe.run_decoder(chunk_embeddings, args.prompt, recipe.decoder_steps, None,
                                       recipe.decoder_guidance, args.negative_prompt, 1, generators)

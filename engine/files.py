@@ -1,7 +1,7 @@
 """Files a user gives and files written for a user. A path read from a file (a manifest, a shard index) is
 taken only inside its folder (`inside`). A file written for a user never leaves a truncated file where a good
 one was: it is written to a temporary file in the same folder, flushed to disk, then renamed over the target
-in one step (`atomic_writer`)."""
+in one step, and the folder flushed (`atomic_writer`)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,21 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)  # the rename itself survives a crash
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk, where the system lets a folder be opened for that (POSIX)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the file itself is on disk
+    finally:
+        os.close(handle)
 
 
 def write_atomically(path: str | Path, data: bytes) -> None:

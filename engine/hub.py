@@ -4,7 +4,7 @@ them: through huggingface_hub's local cache first, with a download only when the
 
 diffusers' combined repo (`warp-ai/wuerstchen`) is the decoder's; its model card names the prior repo in its
 front matter (`prior: [warp-ai/wuerstchen-prior]`), which diffusers follows as a connected pipeline and so
-does `connected_prior` here.
+does `connected_prior` here (a repo id only, looked up on the Hub: a card never points at a local path).
 """
 
 from __future__ import annotations
@@ -55,7 +55,9 @@ def snapshot(repo_id: str, field: str) -> Path:
 
 
 def connected_prior(folder: Path) -> str | None:
-    """The prior repo that a combined repo's model card names (`prior:` in README.md's front matter), or None."""
+    """The prior repo that a combined repo's model card names (`prior:` in README.md's front matter), or None.
+    The card is read as hostile: what it names must be a repo id (`owner/name`), never a path on this machine,
+    and is then looked up on the Hub (its cache first) only (`snapshot`)."""
     readme = Path(folder) / "README.md"
     if not readme.is_file():
         return None
@@ -67,4 +69,9 @@ def connected_prior(folder: Path) -> str | None:
         return None  # a card that cannot be read names nothing; the caller says what is missing
     if isinstance(named, list):
         named = named[0] if named else None
-    return named if isinstance(named, str) and named else None
+    if named is None or named == "":
+        return None
+    if not isinstance(named, str) or not REPO_ID.match(named) or ".." in named:
+        raise WuerstchenError(f"{readme}: prior={str(named)[:80]!r} in its front matter: expected a Hub repo id "
+                              "such as warp-ai/wuerstchen-prior")
+    return named

@@ -28,7 +28,7 @@ from engine.backends import Backend, BackendOptions, backend_options
 from engine.config import WuerstchenConfig, preset
 from engine.device import resolve_device
 from engine.errors import WuerstchenError
-from engine.hub import connected_prior, local_folder
+from engine.hub import connected_prior, local_folder, snapshot
 from engine.precision import Precision, Quantization
 from engine.quantization import QuantRecipe
 from kernels import interpreted
@@ -76,13 +76,15 @@ class ModelSource:
         download only when online). Without `prior`, `decoder` is diffusers' combined repo, whose model card
         names the prior repo (as `warp-ai/wuerstchen`'s does)."""
         decoder_root = local_folder(decoder, "decoder")
-        if prior is None:
+        if prior is not None:
+            prior_root = local_folder(prior, "prior")
+        else:
             prior = connected_prior(decoder_root)
             if prior is None:
                 raise WuerstchenError(f"decoder={str(decoder)!r} names no prior: pass the prior folder too, or a "
                                       "combined repo whose model card names its prior (as warp-ai/wuerstchen does)")
-        return cls(prior=local_folder(prior, "prior"), decoder=decoder_root, variant=variant,
-                   names=(str(prior), str(decoder)))
+            prior_root = snapshot(prior, "prior")  # a repo id the card names: never a local path
+        return cls(prior=prior_root, decoder=decoder_root, variant=variant, names=(str(prior), str(decoder)))
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, check_hashes: bool = True) -> ModelSource:

@@ -6,7 +6,10 @@ mask passed to the model, exactly as diffusers' Würstchen pipelines do.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -114,19 +117,38 @@ def load_text_encoder(root: Path, device: torch.device, dtype: torch.dtype, vari
     except (OSError, ValueError, TypeError) as error:
         raise WuerstchenError(f"tokenizer in {tokenizer_folder} could not be loaded: {_first_line(error)}") from None
     try:
-        model, info = CLIPTextModel.from_pretrained(
-            model_folder, dtype=dtype, variant=_checkpoint_variant(model_folder, variant), output_loading_info=True
-        )
+        with _without_load_reports():  # a mismatch is named below, in one line
+            model, info = CLIPTextModel.from_pretrained(
+                model_folder, dtype=dtype, variant=_checkpoint_variant(model_folder, variant), output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
     except Exception as error:  # transformers raises many types for a bad file; all mean the same here
         raise WuerstchenError(
             f"text encoder in {model_folder} could not be loaded (truncated or corrupt file?): {_first_line(error)}"
         ) from None
     if info["missing_keys"] or info["mismatched_keys"]:
-        raise WuerstchenError(
-            f"weights in {model_folder} do not match its config.json: missing keys {sorted(info['missing_keys'])[:8]}, "
-            f"mismatched {[k for k, *_ in info['mismatched_keys']][:8]}"
-        )
+        mismatched = [f"{key} {tuple(found)} (expected {tuple(expected)})" for key, found, expected
+                      in info["mismatched_keys"]]
+        raise WuerstchenError(f"weights in {model_folder} do not match its config.json: missing keys "
+                              f"{sorted(info['missing_keys'])[:8]}, mismatched {mismatched[:4]}")
     return TextEncoder(tokenizer, ClipStates(model.to(device)), device)
+
+
+@contextlib.contextmanager
+def _without_load_reports():
+    """transformers (5+) logs a multi-line table, the LOAD REPORT, when a checkpoint's keys or shapes differ
+    from its config's; here the loader names them in one line instead. Only this thread's reports are held."""
+    thread = threading.get_ident()
+
+    def other_than_this_threads_report(record: logging.LogRecord) -> bool:
+        return record.thread != thread or "LOAD REPORT" not in record.getMessage()
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(other_than_this_threads_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(other_than_this_threads_report)
 
 
 def _first_line(error: Exception) -> str:

@@ -161,15 +161,8 @@ def export_bundle(
     if quantization is not None and not isinstance(quantization, QuantRecipe):
         raise WuerstchenError(f"quantization={quantization!r}: expected a QuantRecipe (QuantRecipe.every('fp8'), "
                               "or one loaded from a recipe file), or None")
+    check_target(pipe.config, out, min_size, max_size)
     grid = pipe.config.sizes
-    for name, value in (("min_size", min_size), ("max_size", max_size)):
-        on_grid = isinstance(value, int) and not isinstance(value, bool) and value % grid.step == 0
-        if not on_grid or not grid.min <= value <= grid.max:
-            raise WuerstchenError(f"{name}={value!r} is off the model's size grid: expected {grid.describe()}")
-    if min_size > max_size:
-        raise WuerstchenError(f"min_size={min_size} is above max_size={max_size}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise WuerstchenError(f"--out={str(out)!r} exists and is not an empty folder")
     # Everything is written into a staging folder beside `out`, renamed to it whole at the end: an export that
     # fails or is interrupted leaves nothing that loads, and two exports into one folder cannot mix.
     try:
@@ -190,6 +183,20 @@ def export_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def check_target(config, out: str | Path, min_size: int, max_size: int) -> None:
+    """What an export of a model of `config` into `out` for sides `min_size` to `max_size` would refuse, checked
+    before anything is loaded: sizes on the model's grid, and `out` new or an empty folder."""
+    grid, out = config.sizes, Path(out)
+    for name, value in (("min_size", min_size), ("max_size", max_size)):
+        on_grid = isinstance(value, int) and not isinstance(value, bool) and value % grid.step == 0
+        if not on_grid or not grid.min <= value <= grid.max:
+            raise WuerstchenError(f"{name}={value!r} is off the model's size grid: expected {grid.describe()}")
+    if min_size > max_size:
+        raise WuerstchenError(f"min_size={min_size} is above max_size={max_size}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise WuerstchenError(f"--out={str(out)!r} exists and is not an empty folder")
 
 
 def _write_bundle(pipe: WuerstchenPipeline, out: Path, sources: dict, bundle_grid: SizeGrid, progress,

@@ -39,13 +39,14 @@ def export(args: argparse.Namespace) -> int:
     from engine.precision import Quantization
 
     try:
-        from export.bundle import export_bundle, folder_sources
+        from export.bundle import check_target, export_bundle, folder_sources
         from export.verify import tolerances, verify_bundle
     except ImportError as error:
         raise WuerstchenError(f"export needs the ONNX tools ({error.name} is missing): pip install -e '.[onnx]'") \
             from None
     runtime = export_runtime(args)
     source = runtime.source
+    check_target(source.read_config(), args.out, args.min_size, args.max_size)  # before loading gigabytes
     # The graphs are traced from the unquantized models, with the recipe (scanned here for a scheme) beside them.
     pipe = WuerstchenPipeline.load(dataclasses.replace(runtime, quantization=None))
     recipe = runtime.quantization

@@ -29,6 +29,7 @@ from engine.engine_cache import (
     tensorrt_module,
 )
 from engine.errors import WuerstchenError
+from engine.files import write_atomically
 from engine.precision import Precision
 from engine.profiles import Profile, default_buckets, static_bucket
 from engine.runtime import tensorrt_precision
@@ -71,7 +72,7 @@ def build_plan(onnx_path: Path, profiles: Sequence[Profile], settings: BuildSett
         timing = config.get_timing_cache()
         if previous:
             timing.combine(config.create_timing_cache(previous), True)
-        cache_file.write_bytes(bytes(timing.serialize()))
+        write_atomically(cache_file, bytes(timing.serialize()))  # a build interrupted here leaves the old one
     del parser
     return bytes(plan)
 

@@ -46,6 +46,22 @@ def test_decoding_saved_embeddings_says_what_it_decodes(tmp_path, capsys):
            "backend torch\n" in capsys.readouterr().err
 
 
+def test_many_images_from_saved_embeddings_stream_in_chunks_and_a_huge_chunk_is_refused(tmp_path, capsys):
+    embeddings = tmp_path / "fox.safetensors"
+    assert main(["generate", "a fox", "--seed", "3", "--save-embeddings", str(embeddings), *FAST]) == 0
+    decode = ["generate", "a fox", "--embeddings", str(embeddings), "--decoder-steps", "2"]
+    out = str(tmp_path / "f.png")
+    assert main([*decode, "--num-images", "3", "--batch-size", "2", "--seed", "3", "--out", out]) == 0
+    assert main([*decode, "--seed", "5", "--out", str(tmp_path / "alone.png")]) == 0
+    third, alone = (Image.open(tmp_path / name) for name in ("f-2.png", "alone.png"))
+    assert third.tobytes() == alone.tobytes() and third.text["seed"] == "5"  # image i: seed 3 + i
+    capsys.readouterr()
+    assert main([*decode, "--num-images", "10000000", "--batch-size", "10000000", "--seed", "0",
+                 "--out", str(tmp_path / "many.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: the request needs about " in err and "GiB free" in err
+
+
 def test_same_seed_same_bytes_other_seed_other_image(tmp_path):
     paths = [tmp_path / name for name in ("a.png", "b.png", "c.png")]
     for path, seed in zip(paths, ("11", "11", "12"), strict=True):
@@ -181,3 +197,20 @@ def test_model_source_errors_are_one_line(tmp_path, capsys, args, message):
     assert _status(["generate", "x", "--out", str(tmp_path / "x.png"), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "{used}"], "--out='{used}' exists and is not an empty folder"),
+    (["--out", "{new}", "--max-size", "200"], "max_size=200 is off the model's size grid"),
+])
+def test_export_refuses_its_target_before_loading_anything(tmp_path, capsys, monkeypatch, flags, message):
+    from engine.pipeline import WuerstchenPipeline
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "old.onnx").write_bytes(b"")
+    names = {"used": str(used), "new": str(tmp_path / "new")}
+    monkeypatch.setattr(WuerstchenPipeline, "load", lambda runtime: pytest.fail("loaded before checking"))
+    assert main(["export", *(flag.format(**names) for flag in flags)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(**names) in err

@@ -59,6 +59,8 @@ def _refused(bundle: Path, pattern: str) -> None:
     (lambda m: m.update(format_version=True), r"format_version=True is not supported: this engine reads version 1$"),
     (lambda m: m.update(format_version=1.0), r"format_version=1.0 is not supported"),
     (lambda m: m.pop("graphs"), r"the key 'graphs' is missing$"),
+    (lambda m: m.update(run_after="rm -rf ~"), r"unknown keys \['run_after'\]: a version 1 manifest has \["),
+    (lambda m: m["graphs"]["prior_step"].update(evil=1), r"graphs.prior_step: unknown keys \['evil'\]: a graph has "),
     (lambda m: m.update(dtype="float8"), r"dtype='float8': expected one of float32, float16, bfloat16$"),
     (lambda m: m["sizes"].update(max=8192), r"sizes=\{.*'max': 8192\}: expected min ≤ max within the model's range"),
     (lambda m: m["sizes"].update(min="128"), r"sizes.min='128': expected a positive integer$"),
@@ -163,7 +165,8 @@ def test_a_bad_config_value_is_named(folders, where, changes, pattern):
     _edit_json(folder / where, **changes)
     with pytest.raises(WuerstchenError) as excinfo:
         WuerstchenPipeline.from_pretrained(*folders)
-    assert re.search(pattern, _one_line(excinfo)), _one_line(excinfo)
+    message = _one_line(excinfo)
+    assert message.startswith(f"{folder / where}: ") and re.search(pattern, message), message  # the file named
 
 
 def test_a_shard_index_cannot_name_files_outside_its_folder(folders, tmp_path):

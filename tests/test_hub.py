@@ -3,6 +3,7 @@ repos by id, and diffusers' combined repo, whose model card names its prior."""
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -78,3 +79,24 @@ def test_a_repo_missing_from_the_cache_offline_is_one_line(hub_cache, capsys):
 def test_a_decoder_alone_must_name_its_prior(hub_cache, tiny_folders):
     with pytest.raises(WuerstchenError, match=r"^decoder='.*' names no prior: pass the prior folder too"):
         WuerstchenPipeline.from_pretrained(tiny_folders[1])  # a local folder without a model card
+
+
+@pytest.mark.parametrize("named", ["/etc", "../prior", "warp-ai/../../etc", "{ 'a': 1 }"])
+def test_a_model_card_names_a_repo_never_a_local_path(hub_cache, tiny_folders, tmp_path, named):
+    combined = tmp_path / "combined"
+    shutil.copytree(tiny_folders[1], combined)
+    (combined / "README.md").write_text(f"---\nprior:\n- {named}\n---\n")
+    with pytest.raises(WuerstchenError, match=rf"^{re.escape(str(combined / 'README.md'))}: prior=.* in its front "
+                                              r"matter: expected a Hub repo id such as warp-ai/wuerstchen-prior$"):
+        WuerstchenPipeline.from_pretrained(combined)
+
+
+def test_a_model_card_s_repo_id_is_looked_up_on_the_hub_even_where_a_folder_has_its_name(
+        hub_cache, tiny_folders, tmp_path, monkeypatch):
+    combined = tmp_path / "combined"
+    shutil.copytree(tiny_folders[1], combined)
+    (combined / "README.md").write_text(CARD)
+    (tmp_path / "warp-ai" / "wuerstchen-prior").mkdir(parents=True)  # an empty folder of the card's name, here
+    monkeypatch.chdir(tmp_path)
+    pipe = WuerstchenPipeline.from_pretrained(combined, device="cpu", dtype="fp32")
+    assert pipe.runtime.source.prior.name == COMMIT  # the cached snapshot

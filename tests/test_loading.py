@@ -127,6 +127,22 @@ def test_truncated_text_encoder_is_named(folders):
     assert _message(excinfo).startswith(f"text encoder in {folders[1] / 'text_encoder'} could not be loaded")
 
 
+def test_a_text_encoder_tensor_of_the_wrong_shape_is_named_in_one_line(folders, capsys, caplog):
+    from safetensors.torch import load_file, save_file
+
+    path = folders[1] / "text_encoder" / "model.safetensors"
+    weights = load_file(path)
+    name = next(key for key in weights if key.endswith("position_embedding.weight"))
+    weights[name] = weights[name][:-1].clone()
+    save_file(weights, path, metadata={"format": "pt"})
+    with pytest.raises(WuerstchenError) as excinfo:
+        WuerstchenPipeline.from_pretrained(*folders)
+    rows, width = weights[name].shape
+    assert _message(excinfo) == (f"weights in {path.parent} do not match its config.json: missing keys [], mismatched "
+                                 f"['{name} ({rows}, {width}) (expected ({rows + 1}, {width}))']")
+    assert "LOAD REPORT" not in capsys.readouterr().err + caplog.text  # transformers' table is held back
+
+
 def _edit_config(path, **changes):
     values = json.loads(path.read_text())
     values.update(changes)
