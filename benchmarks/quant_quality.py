@@ -102,7 +102,7 @@ def step_errors(pipe, reference) -> dict[str, float]:
                 for stage in STAGES}
 
 
-def compare(found: list[np.ndarray], references: dict[str, list[np.ndarray]], ssim_against: str) -> dict:
+def compare(found: list[np.ndarray], references: dict[str, list[np.ndarray]], ssim_against: str | None = None) -> dict:
     """Against each list of reference images: PSNR's mean and worst, and against `ssim_against` SSIM's too."""
     out = {}
     for name, reference in references.items():
@@ -131,7 +131,7 @@ def measure(runtime, schemes: list, height: int, width: int, prompts: list[str],
     plain = WuerstchenPipeline.load(runtime)
     progress(f"{base}: the same images")
     reference = images(plain, prompts, seeds, height, width)
-    rows = [{"name": base, "quality": compare(reference, {"fp32": exact}, ssim_against=""),
+    rows = [{"name": base, "quality": compare(reference, {"fp32": exact}),
              "weight_bytes": weight_bytes(plain), "peak_bytes": peak_memory(plain, prompts[0], height, width)}]
     if plain.stages.fp32_timesteps:  # bf16: the noise level as diffusers rounds it, for comparison
         rounded = plain.with_stages(dataclasses.replace(plain.stages, fp32_timesteps=False))
@@ -141,17 +141,20 @@ def measure(runtime, schemes: list, height: int, width: int, prompts: list[str],
         for scheme in schemes:
             progress(f"{scheme.value if isinstance(scheme, Quantization) else scheme.describe()}: loading, images")
             pipe = WuerstchenPipeline.load(dataclasses.replace(runtime, quantization=scheme))
-            rows.append({"name": pipe.quantization.describe(), "recipe": pipe.quantization.to_dict(),
-                         "step_error": step_errors(pipe, plain),
-                         "quality": compare(images(pipe, prompts, seeds, height, width),
-                                            {"fp32": exact, base: reference}, ssim_against=base),
-                         "weight_bytes": weight_bytes(pipe),
-                         "peak_bytes": peak_memory(pipe, prompts[0], height, width)})
-            pipe.close()
+            try:
+                rows.append({"name": pipe.quantization.describe(), "recipe": pipe.quantization.to_dict(),
+                             "step_error": step_errors(pipe, plain),
+                             "quality": compare(images(pipe, prompts, seeds, height, width),
+                                                {"fp32": exact, base: reference}, ssim_against=base),
+                             "weight_bytes": weight_bytes(pipe),
+                             "peak_bytes": peak_memory(pipe, prompts[0], height, width)})
+            finally:
+                pipe.close()
     finally:
         plain.close()
-    return {"provenance": provenance(runtime.device), "runtime": runtime.describe(), "height": height,
-            "width": width, "prompts": prompts, "seeds": seeds, "rows": rows}
+    return {"provenance": provenance(runtime.device), "runtime": runtime.describe(),
+            "random_weights": runtime.source.kind == "preset", "height": height, "width": width,
+            "prompts": prompts, "seeds": seeds, "rows": rows}
 
 
 def _mean_worst(values: dict | None, key: str, spec: str) -> str:
@@ -182,9 +185,24 @@ def table(report: dict) -> str:
     lines.append("step error: prior / decoder, one step against the unquantized model from the same inputs (the scan's "
                  "calibration steps); PSNR in dB and SSIM: mean (worst) over the images; weights: the prior's and "
                  "decoder's bytes against unquantized")
-    if "random weights" in report["runtime"]:
+    if report["random_weights"]:
         lines.append("random weights: the numbers measure the arithmetic, not how a picture looks")
     return "\n".join(lines)
+
+
+def workload(prompts: int, seeds: int) -> tuple[list[str], list[int]]:
+    """The first `prompts` of `PROMPTS` and seeds 0 to `seeds` − 1, checked."""
+    if not 1 <= prompts <= len(PROMPTS):
+        raise WuerstchenError(f"--prompts {prompts}: expected 1 to {len(PROMPTS)}")
+    if seeds < 1:
+        raise WuerstchenError(f"--seeds {seeds}: expected a positive integer")
+    return list(PROMPTS[:prompts]), list(range(seeds))
+
+
+def write_report(report: dict, path: str) -> None:
+    from engine.files import write_atomically
+
+    write_atomically(path, (json.dumps(report, indent=1) + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,21 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_report(report, args.json)
     return 0
-
-
-def workload(prompts: int, seeds: int) -> tuple[list[str], list[int]]:
-    """The first `prompts` of `PROMPTS` and seeds 0 to `seeds` − 1, checked."""
-    if not 1 <= prompts <= len(PROMPTS):
-        raise WuerstchenError(f"--prompts {prompts}: expected 1 to {len(PROMPTS)}")
-    if seeds < 1:
-        raise WuerstchenError(f"--seeds {seeds}: expected a positive integer")
-    return list(PROMPTS[:prompts]), list(range(seeds))
-
-
-def write_report(report: dict, path: str) -> None:
-    from engine.files import write_atomically
-
-    write_atomically(path, (json.dumps(report, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -53,11 +53,11 @@ class _FromDict:
         _require(not missing, f"{source}: missing keys {missing}; a {cls.__name__} needs {sorted(names)}")
         _require(not unknown, f"{source}: unknown keys {unknown}; a {cls.__name__} has {sorted(names)}")
         tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-        if source == "config":
-            return cls(**tuples)
         try:
             return cls(**tuples)
         except WuerstchenError as error:  # a value's check, with the file it is in
+            if source == "config":
+                raise
             raise WuerstchenError(f"{source}: {error}") from None
 
     @classmethod

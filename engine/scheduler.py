@@ -292,7 +292,7 @@ class Scheduler:
         with self._lock:
             self._tick += 1
             now = self.clock()
-            late = self._late_in_queue(now)
+            self._fail_late_in_queue(now)
             self._admit()
             for state in list(self._in_flight.values()):
                 if state.future.cancelled():
@@ -301,7 +301,6 @@ class Scheduler:
                     self._fail(state, DeadlineExceeded(f"the request missed its deadline by {now - state.deadline:.2f} "
                                                        f"s in its {state.stage.name.lower()} stage"))
             states = list(self._in_flight.values())
-        self._settle_late(late, now)
         self._record_timings()
         # The flags of the last tick are read after this tick's work is queued, so reading them never leaves
         # the device idle.
@@ -362,22 +361,20 @@ class Scheduler:
         self._queued_bytes = sum(state.nbytes for state in kept)
         return kept
 
-    def _late_in_queue(self, now: float) -> list[RequestState]:
-        """Take the queued requests past their deadline out of the queue (under the lock) and return them, to
-        be failed outside it; a heap of the queued deadlines keeps a tick's look O(log n)."""
+    def _fail_late_in_queue(self, now: float) -> None:
+        """Fail the queued requests past their deadline and free their slots (under the lock); a heap of the
+        queued deadlines keeps a tick's look O(log n)."""
         late = []
         while self._queued_deadlines and self._queued_deadlines[0][0] < now:
             _, _, state = heapq.heappop(self._queued_deadlines)
             if not state.future.done() and state.request_id not in self._in_flight:  # still queued
                 late.append(state)
-        if late:
-            gone = {state.request_id for state in late}
-            self._queue = deque(state for state in self._queue if state.request_id not in gone)
-            self._queued_bytes = sum(state.nbytes for state in self._queue)
-            self._counters["failed"] += len(late)
-        return late
-
-    def _settle_late(self, late: list[RequestState], now: float) -> None:
+        if not late:
+            return
+        gone = {state.request_id for state in late}
+        self._queue = deque(state for state in self._queue if state.request_id not in gone)
+        self._queued_bytes = sum(state.nbytes for state in self._queue)
+        self._counters["failed"] += len(late)
         for state in late:
             self._settle(state, error=DeadlineExceeded(f"the request missed its deadline by "
                                                        f"{now - state.deadline:.2f} s while queued"))
@@ -394,15 +391,27 @@ class Scheduler:
             if state.future.cancelled():
                 self._counters["cancelled"] += 1
                 continue
-            for name in ("prior_denoising", "decoder_denoising"):
-                denoising = getattr(state, name)
-                if denoising is not None:
-                    setattr(state, name, denoising.to(self.device))
-            if state.image_embeddings is not None:
-                state.image_embeddings = state.image_embeddings.to(self.device)
+            try:
+                self._to_device(state)
+            except Exception as error:  # noqa: BLE001 — out of memory, say: the request's own failure
+                if is_sticky(error):  # back in the queue, where `_stop` fails it with the rest
+                    self._queue.appendleft(state)
+                    self._queued_bytes += state.nbytes
+                    raise
+                self._counters["failed"] += 1
+                self._settle(state, error=error)
+                continue
             state.ready_tick = self._tick
             self._in_flight[state.request_id] = state
             self._held_bytes += state.nbytes
+
+    def _to_device(self, state: RequestState) -> None:
+        for name in ("prior_denoising", "decoder_denoising"):
+            denoising = getattr(state, name)
+            if denoising is not None:
+                setattr(state, name, denoising.to(self.device))
+        if state.image_embeddings is not None:
+            state.image_embeddings = state.image_embeddings.to(self.device)
 
     def _run(self, tick: Tick, states: list[RequestState]) -> None:
         """Run a tick's work; on an exception, halve the batch until the request that raises is alone."""

@@ -94,3 +94,17 @@ def test_bench_quality_refusals_are_one_line(flags, message, tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("wuerstchen bench: error: ")
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--schemes", "none"], "--schemes none: expected fp8, int8 or recipe files, not none"),
+    (["--schemes", "fp4"], "--schemes: quantize='fp4' is not supported"),
+    (["--prompts", "9"], "--prompts 9: expected 1 to 8"),
+    (["--size", "200"], "200"),
+])
+def test_the_module_s_own_command_line_refuses_in_one_line(argv, message, capsys):
+    from benchmarks.quant_quality import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("quant_quality: error: ") and message in err, err

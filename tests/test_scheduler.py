@@ -366,6 +366,33 @@ def test_the_worker_outlives_an_exception_that_escapes_a_tick(sticky, monkeypatc
     assert again.result(timeout=10) == again.request_id and scheduler.healthy
 
 
+@pytest.mark.parametrize("sticky", [False, True])
+def test_a_request_that_cannot_move_to_the_device_fails_alone_or_stops_everything(sticky, monkeypatch):
+    scheduler, _, _ = _scheduler()
+    message = "CUDA error: an illegal memory access was encountered" if sticky else "CUDA out of memory"
+    states = [_request(scheduler) for _ in range(3)]
+    moved = scheduler._to_device
+
+    def to_device(state):
+        if state is states[1]:
+            raise RuntimeError(message)
+        moved(state)
+
+    monkeypatch.setattr(scheduler, "_to_device", to_device)
+    futures = [scheduler.submit(state, start=False) for state in states]
+    if sticky:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            scheduler.step()
+        scheduler._escaped(RuntimeError(message))  # as the worker does with what escapes a tick
+        assert all(isinstance(f.exception(timeout=0), RequestFailed) for f in futures) and not scheduler.healthy
+        return
+    _drain(scheduler)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        futures[1].result(timeout=0)
+    assert [futures[0].result(timeout=0), futures[2].result(timeout=0)] == [states[0].request_id, states[2].request_id]
+    assert scheduler.stats()["failed"] == 1 and scheduler.stats()["queued_bytes"] == 0
+
+
 def test_the_cost_model_uses_the_nearest_measured_batch():
     costs = CostModel(smoothing=0.5)
     key = GroupKey(Stage.PRIOR, (3, 3), True)

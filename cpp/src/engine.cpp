@@ -151,11 +151,14 @@ class Graph {
     bool ok = shape.size() == spec.dims.size();
     for (size_t d = 0; ok && d < shape.size(); ++d) {
       const Dim& dim = spec.dims[d];
-      if (!dim.symbol.empty() && !symbols.count(dim.symbol) && shape[d] % dim.factor == 0) symbols[dim.symbol] = shape[d] / dim.factor;
+      if (!dim.symbol.empty() && !symbols.count(dim.symbol) && shape[d] % dim.factor == 0) {
+        symbols[dim.symbol] = shape[d] / dim.factor;
+      }
       ok = shape[d] == dim.factor * (dim.symbol.empty() ? 1 : symbols[dim.symbol]);
     }
     if (!ok) {
-      throw Error("graph " + name_ + ": input " + spec.name + " has shape " + shown(shape) + ", expected the manifest's " + shown(spec.dims));
+      throw Error("graph " + name_ + ": input " + spec.name + " has shape " + shown(shape) + ", expected the manifest's " +
+                  shown(spec.dims));
     }
   }
 
