@@ -41,8 +41,8 @@ def test_json_records_hold_provenance_workload_and_results(bench_run):
         assert origin["versions"]["torch"] and origin["device"].startswith("CPU")
         assert workload | {"recipe": None} == {
             "target": workload["target"], "source": "tiny demo (random weights, seed 0)", "backend": "torch",
-            "dtype": "fp32", "quantization": None, "height": 128, "width": 128, "batch": workload["batch"],
-            "warmup": 1, "runs": 2, "recipe": None}
+            "dtype": "fp32", "quantization": None, "quantization_recipe": None, "height": 128, "width": 128,
+            "batch": workload["batch"], "warmup": 1, "runs": 2, "recipe": None}
         assert workload["recipe"] == {"prior_steps": 3, "prior_guidance": 4.0, "decoder_steps": 2,
                                       "decoder_guidance": 0.0, "prior_evaluations": 3}
         latency = results["latency_s"]
