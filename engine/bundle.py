@@ -41,7 +41,7 @@ TENSOR_DTYPES = {precision.onnx_name: precision.torch_dtype for precision in Pre
 TENSOR_DTYPE_NAMES = {dtype: name for name, dtype in TENSOR_DTYPES.items()}
 SYMBOLIC_DIM = re.compile(r"^([1-9][0-9]*\*)?(batch|ph|pw|dh|dw)$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# What a manifest may hold (the first block is what it must hold), and what each graph entry holds.
+# Every key a manifest may hold (`check` names those it must), and every key of a graph's entry.
 MANIFEST_KEYS = frozenset({"format", "format_version", "dtype", "config", "sizes", "tokenizers", "graphs", "files",
                            "producer", "opset", "fp32_islands", "sources", "symbols", "schedule", "quantization"})
 GRAPH_KEYS = frozenset({"file", "external_data", "inputs", "outputs"})
@@ -218,9 +218,10 @@ class _Schema:
             for key in ("file", "external_data", "inputs", "outputs"):
                 if key not in entry:
                     raise WuerstchenError(f"{self.where}: {where}: the key {key!r} is missing")
-            if len(entry) != 4:
-                raise WuerstchenError(f"{self.where}: {where}: unknown keys {sorted(set(entry) - GRAPH_KEYS)}: a "
-                                      f"graph has {sorted(GRAPH_KEYS)}")
+            unknown = sorted(set(entry) - GRAPH_KEYS)
+            if unknown:
+                raise WuerstchenError(f"{self.where}: {where}: unknown keys {unknown}: a graph has "
+                                      f"{sorted(GRAPH_KEYS)}")
             if not isinstance(entry["file"], str):
                 self.fail(f"{where}.file", entry["file"], "a file name")
             data = entry["external_data"]
